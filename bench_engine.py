@@ -1,0 +1,119 @@
+"""In-process engine costs on this machine, in one run:
+
+1. the decode step's time by tokens verified per sequence (tree size) and batch size;
+2. greedy tokens/s at batch 1 of standard decoding, speculative decoding and Hugging Face
+   `generate()` on the same model and prompts (and whether the outputs are identical).
+
+    python bench_engine.py                                   # the toy model, built in-process
+    python bench_engine.py --model DIR --heads DIR --tree tree15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from engine import Engine
+from load_medusa_from_hf import load_medusa_model
+from sequence import Request
+from toy_model import build_toy, stdlib_texts
+from tree import load_tree, preset
+
+STEP_TREES = {1: "root", 4: "chain3", 8: "tree7", 16: "tree15", 64: "mc_sim_7b_63"}
+
+
+def step_times(model, tokenizer, prompt: list[int], batch: int, tree: str, steps: int) -> float:
+    """Median seconds of one engine step with `batch` sequences, each verifying `tree`."""
+    engine = Engine(model, tokenizer, tree=preset(tree), max_batch_size=batch, eos_token_ids=[])
+    state = engine.new_batch()
+    room = engine.max_context - len(prompt)  # decoding stays within the context for all the timed steps
+    engine.admit(state, [Request(str(i), prompt, max_new_tokens=room) for i in range(batch)])
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        engine.step(state)
+        if i >= 3:  # warm-up discarded
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
+    out, start = [], time.perf_counter()
+    for p in prompts:
+        ids = torch.tensor([p], device=model.device)
+        seq = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+        )
+        out.append(seq[0, len(p) :].tolist())
+    return time.perf_counter() - start, out
+
+
+def engine_generate(model, tokenizer, tree, prompts, max_new_tokens):
+    """Batch 1, one request after the other; returns (seconds, sequences)."""
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=1, eos_token_ids=[])
+    start, results = time.perf_counter(), []
+    for i, p in enumerate(prompts):
+        results += engine.generate([Request(str(i), p, max_new_tokens=max_new_tokens)])
+    return time.perf_counter() - start, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="Hugging Face folder or Hub id (default: the toy model)")
+    parser.add_argument("--heads", help="Medusa heads folder or Hub id")
+    parser.add_argument("--tree", default="tree15", help="tree for the speculative run")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per cell of the step table")
+    parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if args.model:
+        model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=args.deepspeed)
+    else:
+        model, tokenizer = build_toy()
+    corpus = tokenizer("\n".join(stdlib_texts(200)[-20:]))["input_ids"]
+    n = args.prompt_tokens
+    prompts = [corpus[i * 997 : i * 997 + n] for i in range(args.prompts)]
+    print(f"model: {model.config.model_type}, {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f} M "
+          f"parameters, {model.num_heads} heads, {torch.get_num_threads()} threads, prompts of {n} tokens")
+
+    print("\nstep time (median ms) by tokens verified per sequence and batch size")
+    print(f"{'tokens':>6} {'tree':>13} {'B=1':>8} {'B=8':>8} {'B=1 / 1-token':>15} {'B=8 / 1-token':>15}")
+    base = {}
+    for tokens, name in STEP_TREES.items():
+        if preset(name).depth > model.num_heads:
+            continue
+        ms = {b: 1e3 * step_times(model, tokenizer, prompts[0], b, name, args.steps) for b in (1, 8)}
+        base = base or ms
+        print(f"{tokens:>6} {name:>13} {ms[1]:>8.2f} {ms[8]:>8.2f} {ms[1] / base[1]:>15.2f} {ms[8] / base[8]:>15.2f}")
+
+    new = args.max_new_tokens
+    hf_s, hf_out = hf_generate(model.model, prompts, new, tokenizer.pad_token_id or 0)
+    std_s, std = engine_generate(model, tokenizer, preset("root"), prompts, new)
+    spec_s, spec = engine_generate(model, tokenizer, load_tree(args.tree), prompts, new)
+    total = len(prompts) * new
+    same = all(a.tokens == b.tokens for a, b in zip(spec, std))
+    same_hf = all(a.tokens == b for a, b in zip(std, hf_out))
+    steps = sum(s.decode_steps for s in spec)
+    print(f"\ngreedy, batch 1, {len(prompts)} prompts x {new} new tokens")
+    print(f"{'':>24} {'tokens/s':>9} {'vs standard':>12} {'tokens/step':>12}")
+    print(f"{'HF generate()':>24} {total / hf_s:>9.1f} {std_s / hf_s:>12.2f} {1.0:>12.2f}")
+    print(f"{'standard (engine)':>24} {total / std_s:>9.1f} {1.0:>12.2f} {1.0:>12.2f}")
+    print(f"{'speculative ' + args.tree:>24} {total / spec_s:>9.1f} {std_s / spec_s:>12.2f} "
+          f"{sum(s.decode_tokens for s in spec) / steps:>12.2f}")
+    print(f"speculative == standard: {same}; standard == HF generate(): {same_hf}")
+
+
+if __name__ == "__main__":
+    main()

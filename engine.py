@@ -1,0 +1,229 @@
+"""The decoding engine as operations on a batch: admit (prefill), step (propose -> verify -> accept
+-> commit) and filter. Standard decoding is the same step with the root-only tree.
+
+Every forward sees the whole running batch at once: sequence b has its own cache length L_b, its
+own tree (padded to the step's T nodes), and its nodes sit at positions L_b + depth. A 4-D
+additive mask lets each node see its sequence's prefix, its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from detokenizer import TextStream
+from kv_cache import KVCache
+from medusa_model import MedusaModel
+from sampling import Accepted, greedy_accept
+from sequence import Event, Request, Sequence
+from tree import ROOT, StepTrees, Tree, stack_trees
+
+
+@dataclass
+class Batch:
+    """Running sequences; cache slot i holds seqs[i] (slots stay compact: see Engine.filter)."""
+
+    cache: KVCache
+    lengths: torch.Tensor  # [slots] tokens in each slot's cache
+    next_tokens: torch.Tensor  # [slots] each sequence's last emitted token: the root of its next tree
+    proposals: torch.Tensor  # [slots, K, topk] heads' ranked tokens for the next tree
+    seqs: list[Sequence]
+    trees: list[Tree]
+
+    def cancel(self, request_id: str) -> None:
+        for seq in self.seqs:
+            if seq.request.id == request_id:
+                seq.cancel()
+
+
+class Engine:
+    def __init__(
+        self,
+        model: MedusaModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tree: Tree = ROOT,
+        max_batch_size: int = 8,
+        max_context: int | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ):
+        if tree.depth > model.num_heads:
+            raise ValueError(f"tree {tree.name!r} is {tree.depth} deep but the model has {model.num_heads} heads")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tree = tree
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.eos_token_ids = frozenset(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def new_batch(self) -> Batch:
+        cfg, slots, dev = self.model.config, self.max_batch_size, self.model.device
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        capacity = self.max_context + self.tree.num_nodes  # a step writes its whole tree past the prefix
+        cache = KVCache(
+            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity, head_dim, self.model.dtype, dev
+        )
+        zeros = torch.zeros(slots, dtype=torch.long, device=dev)
+        proposals = torch.zeros(slots, self.model.num_heads, self.tree.topk, dtype=torch.long, device=dev)
+        return Batch(cache, zeros.clone(), zeros.clone(), proposals, [], [])
+
+    def free_slots(self, batch: Batch) -> int:
+        return self.max_batch_size - len(batch.seqs)
+
+    # ---- operations ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, batch: Batch, requests: list[Request]) -> list[Event]:
+        """Prefill new requests into free slots, in one forward; each emits its first token."""
+        if not requests:
+            return []
+        if len(requests) > self.free_slots(batch):
+            raise ValueError(f"{len(requests)} requests for {self.free_slots(batch)} free slots")
+        for r in requests:
+            if not r.prompt_ids or len(r.prompt_ids) + r.max_new_tokens > self.max_context:
+                raise ValueError(f"request {r.id}: prompt + max_new_tokens must fit in {self.max_context} tokens")
+        start, dev = len(batch.seqs), self.model.device
+        rows = slice(start, start + len(requests))
+        lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
+        t = int(lens.max())
+        ids = torch.zeros(len(requests), t, dtype=torch.long, device=dev)
+        for i, r in enumerate(requests):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        arange = torch.arange(t, device=dev)
+        causal = (arange[None, :, None] >= arange[None, None, :]) & (arange[None, None, :] < lens[:, None, None])
+        last = lens - 1
+        zero = torch.zeros_like(lens)
+        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), last[:, None])
+        first = logits[:, 0].argmax(-1)  # [B]
+        batch.lengths[rows] = lens
+        self._set_next(batch, rows, first, hidden[torch.arange(len(requests), device=dev), last])
+        events = []
+        for r, token in zip(requests, first.tolist()):
+            tree = self.tree if r.speculative else ROOT
+            seq = Sequence(r, TextStream(self.tokenizer, r.prompt_ids, r.stop), self.eos_token_ids)
+            batch.seqs.append(seq)
+            batch.trees.append(tree)
+            events.append(seq.extend([token], from_step=False))
+        return events
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[Event]:
+        """One decode step for every running sequence: propose -> verify -> accept -> commit."""
+        rows = slice(0, len(batch.seqs))
+        trees = stack_trees(tuple(batch.trees), self.model.device)
+        tokens = self._propose(batch, rows, trees)
+        logits, hidden = self._verify(batch, rows, tokens, trees)
+        accepted = greedy_accept(tokens, logits, trees.retrieve)
+        return self._commit(batch, rows, accepted, hidden)
+
+    def filter(self, batch: Batch) -> list[Sequence]:
+        """Drop finished and cancelled sequences, moving the rest down so that slots stay compact."""
+        keep = [i for i, s in enumerate(batch.seqs) if not s.done]
+        if len(keep) == len(batch.seqs):
+            return []
+        done = [s for s in batch.seqs if s.done]
+        for new, old in enumerate(keep):
+            if new != old:
+                batch.cache.copy_slot(old, new, int(batch.lengths[old]))
+        index = torch.tensor(keep, dtype=torch.long, device=batch.lengths.device)
+        for t in (batch.lengths, batch.next_tokens, batch.proposals):
+            t[: len(keep)] = t[index]
+        batch.seqs = [batch.seqs[i] for i in keep]
+        batch.trees = [batch.trees[i] for i in keep]
+        return done
+
+    # ---- step phases ---------------------------------------------------------------------------
+
+    def _propose(self, batch: Batch, rows: slice, trees: StepTrees) -> torch.Tensor:
+        """Candidate tokens [B, T]: the root, then each node's rank-r token from its head."""
+        roots = batch.next_tokens[rows, None]
+        if trees.num_nodes == 1:
+            return roots
+        proposals = batch.proposals[rows]  # [B, K, topk]
+        flat = trees.heads * proposals.shape[-1] + trees.ranks
+        nodes = proposals.flatten(1).gather(1, flat)
+        return torch.cat([roots, nodes[:, 1:]], dim=1)
+
+    def _verify(self, batch: Batch, rows: slice, tokens: torch.Tensor, trees: StepTrees):
+        return self._forward(batch, rows, tokens, batch.lengths[rows], trees.mask, trees.depths)
+
+    def _commit(self, batch: Batch, rows: slice, acc: Accepted, hidden: torch.Tensor) -> list[Event]:
+        """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots."""
+        lengths = batch.lengths[rows]
+        last = (acc.count - 1)[:, None]  # [B, 1]: position of the last accepted node on its path
+        if acc.nodes.shape[1] > 1:
+            dst = torch.arange(acc.nodes.shape[1], device=lengths.device)
+            batch.cache.move(rows, lengths[:, None] + acc.nodes, lengths[:, None] + dst)
+        batch.lengths[rows] += acc.count
+        last_node = acc.nodes.gather(1, last)[:, 0]
+        rows_index = torch.arange(hidden.shape[0], device=hidden.device)
+        self._set_next(batch, rows, acc.tokens.gather(1, last)[:, 0], hidden[rows_index, last_node])
+        counts, tokens = acc.count.tolist(), acc.tokens.tolist()
+        return [seq.extend(tok[:c], from_step=True) for seq, tok, c in zip(batch.seqs, tokens, counts)]
+
+    def _set_next(self, batch: Batch, rows: slice, roots: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Record each sequence's next root and, from its hidden state [B, H], the heads' proposals."""
+        batch.next_tokens[rows] = roots
+        if self.model.num_heads and self.tree.topk:
+            batch.proposals[rows] = self.model.head_logits(hidden).topk(self.tree.topk, dim=-1).indices
+
+    def _forward(
+        self,
+        batch: Batch,
+        rows: slice,
+        tokens: torch.Tensor,  # [B, T]
+        lengths: torch.Tensor,  # [B] tokens already cached per sequence
+        tree_mask: torch.Tensor,  # [B, T, T] bool: node t sees node u
+        depths: torch.Tensor,  # [B, T]
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = tokens.shape
+        write = lengths[:, None] + torch.arange(t, device=tokens.device)  # [B, T] cache rows of the new tokens
+        kv_len = int(lengths.max()) + t
+        visible = (torch.arange(kv_len, device=tokens.device) < lengths[:, None])[:, None, :].repeat(1, t, 1)
+        visible.scatter_(2, write[:, None, :].expand(b, t, t), tree_mask)  # [B, T, S]
+        mask = torch.zeros(b, 1, t, kv_len, dtype=self.model.dtype, device=tokens.device)
+        mask.masked_fill_(~visible[:, None], torch.finfo(mask.dtype).min)
+        cache = batch.cache.writer(rows, write, kv_len)
+        return self.model.forward(
+            tokens,
+            attention_mask=mask,
+            position_ids=lengths[:, None] + depths,
+            cache=cache,
+            logits_to_keep=logits_to_keep,
+        )
+
+    # ---- loops ---------------------------------------------------------------------------------
+
+    def run(self, requests: Iterable[Request]) -> Iterator[tuple[list[Event], list[Sequence]]]:
+        """Admit as slots free up, step, filter; yields each round's events and finished sequences."""
+        batch, waiting = self.new_batch(), deque(requests)
+        while waiting or batch.seqs:
+            arrivals = [waiting.popleft() for _ in range(min(self.free_slots(batch), len(waiting)))]
+            events = self.admit(batch, arrivals)
+            finished = self.filter(batch)
+            if batch.seqs:
+                events += self.step(batch)
+                finished += self.filter(batch)
+            yield events, finished
+
+    def generate(self, requests: list[Request]) -> list[Sequence]:
+        """Run a batch of requests to completion; results in request order."""
+        done = {s.request.id: s for _, finished in self.run(requests) for s in finished}
+        return [done[r.id] for r in requests]
+
+    def generate_stream(self, requests: list[Request]) -> Iterator[Event]:
+        """Token deltas of a batch of requests as they are produced."""
+        for events, _ in self.run(requests):
+            yield from events
+
+
+def _eos_ids(model: MedusaModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = model.model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,189 @@
+"""Medusa heads in the FasterDecoding layout, from a local folder or the Hugging Face Hub, and the
+whole served model (base + heads, DeepSpeed-wrapped) built from them.
+
+Layout: `config.json` (`medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`, and
+`"version": "2"` for heads that reuse the base lm_head) plus `medusa_lm_head.safetensors` or
+`medusa_lm_head.pt` with keys `{i}.{j}.linear.weight|bias` (block j < L of head i) and
+`{i}.{L}.weight` (head i's own lm_head). Heads are counted from the weights, and loading is strict.
+
+    python load_medusa_from_hf.py FasterDecoding/medusa-vicuna-7b-v1.3   # or a local folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from medusa_model import KERNEL_INJECT_REFUSED, HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+class HeadsError(ValueError):
+    """Heads that cannot be loaded as they are: never replaced by untrained ones."""
+
+
+@dataclass(frozen=True)
+class HeadsInfo:
+    folder: Path
+    weights: Path
+    config: HeadsConfig  # as the weights say
+    hidden_size: int
+    vocab_size: int | None  # None when the heads reuse the base lm_head
+    dtype: torch.dtype
+    parameters: int
+    config_num_heads: int | None  # as config.json says
+
+
+def resolve_folder(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local folder as it is, else a Hub repo id fetched (config and head weights only)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise HeadsError(f"{name_or_path}: not a folder of Medusa heads")
+    patterns = [CONFIG_FILE, *WEIGHT_FILES]
+    return Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+
+
+def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    for name in WEIGHT_FILES:
+        file = folder / name
+        if file.exists():
+            if file.suffix == ".safetensors":
+                return file, load_file(file)
+            return file, torch.load(file, map_location="cpu", weights_only=True)
+    raise HeadsError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
+
+
+def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
+    """Read a heads folder and work out its shape from the weights themselves."""
+    config_file = folder / CONFIG_FILE
+    if not config_file.exists():
+        raise HeadsError(f"{folder}: no {CONFIG_FILE}")
+    config = json.loads(config_file.read_text())
+    file, state = read_weights(folder)
+    bad = sorted(k for k in state if not KEY.match(k))
+    if bad:
+        raise HeadsError(f"{file}: unexpected keys {bad[:5]}")
+    parsed = [KEY.match(k).groups() for k in state]
+    heads = sorted({int(i) for i, _, _ in parsed})
+    if not heads or heads != list(range(len(heads))):
+        raise HeadsError(f"{file}: heads numbered {heads}, expected 0..K-1")
+    layers = len({j for i, j, kind in parsed if i == "0" and kind == "linear.weight"})
+    own_lm_head = any(kind == "weight" for _, _, kind in parsed)
+    shares = str(config.get("version", "1")) == "2"
+    if shares and own_lm_head:
+        raise HeadsError(f"{file}: config says version 2 (shared lm_head) but the file holds per-head lm_heads")
+    if not shares and not own_lm_head:
+        raise HeadsError(f"{file}: no per-head lm_head weights ({{i}}.{layers}.weight) and config is not version 2")
+    if "medusa_num_layers" in config and int(config["medusa_num_layers"]) != layers:
+        raise HeadsError(f"{file}: config says {config['medusa_num_layers']} layers per head, the file holds {layers}")
+    config_heads = config.get("medusa_num_heads")
+    if config_heads is not None and int(config_heads) != len(heads):
+        log.warning("%s: config.json says %s heads, the weights hold %d: using %d", folder, config_heads, len(heads), len(heads))
+    first = state["0.0.linear.weight"] if layers else state[f"0.{layers}.weight"]
+    lm = state.get(f"0.{layers}.weight")
+    info = HeadsInfo(
+        folder=folder,
+        weights=file,
+        config=HeadsConfig(len(heads), layers, shares),
+        hidden_size=first.shape[-1],
+        vocab_size=None if lm is None else lm.shape[0],
+        dtype=first.dtype,
+        parameters=sum(t.numel() for t in state.values()),
+        config_num_heads=None if config_heads is None else int(config_heads),
+    )
+    return info, state
+
+
+def load_medusa_heads(
+    name_or_path: str, hidden_size: int, vocab_size: int, revision: str | None = None, cache_dir: str | None = None
+) -> MedusaHeads:
+    """Heads for a base model of this hidden size and vocabulary; any mismatch is an error."""
+    info, state = inspect_heads(resolve_folder(name_or_path, revision, cache_dir))
+    if info.hidden_size != hidden_size:
+        raise HeadsError(f"{info.weights}: heads have hidden size {info.hidden_size}, the base model {hidden_size}")
+    if info.vocab_size is not None and info.vocab_size != vocab_size:
+        raise HeadsError(f"{info.weights}: heads have a vocabulary of {info.vocab_size}, the base model {vocab_size}")
+    heads = MedusaHeads(info.config, hidden_size, vocab_size)
+    try:
+        heads.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing or unexpected keys, wrong shapes
+        raise HeadsError(f"{info.weights}: {e}") from None
+    return heads.eval()
+
+
+def save_medusa_heads(heads: MedusaHeads, folder: Path, base_model: str, safetensors: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "medusa_num_heads": heads.config.num_heads,
+        "medusa_num_layers": heads.config.num_layers,
+        "base_model_name_or_path": base_model,
+    }
+    if heads.config.shares_lm_head:
+        config["version"] = "2"
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    if safetensors:
+        save_file(state, folder / WEIGHT_FILES[0])
+    else:
+        torch.save(state, folder / WEIGHT_FILES[1])
+
+
+def load_medusa_model(
+    model_name: str,
+    heads_name: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    deepspeed: bool = True,
+    tp_size: int = 1,
+    kernel_inject: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[MedusaModel, PreTrainedTokenizerBase]:
+    """Base model and tokenizer (Hub id or folder), heads (optional), DeepSpeed wrapping (optional)."""
+    if deepspeed and kernel_inject:
+        raise ValueError(KERNEL_INJECT_REFUSED)  # before any weight is read
+    tokenizer = AutoTokenizer.from_pretrained(model_name, cache_dir=cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, cache_dir=cache_dir).to(device).eval()
+    heads = None
+    if heads_name:
+        cfg = model.config
+        heads = load_medusa_heads(heads_name, cfg.hidden_size, cfg.vocab_size, revision, cache_dir)
+        heads = heads.to(device=device, dtype=dtype)
+    runner = wrap_with_deepspeed(model, dtype, tp_size) if deepspeed else None
+    return MedusaModel(model, heads, runner), tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fetch or read a Medusa heads folder and print its shape.")
+    parser.add_argument("heads", help="Hub repo id or local folder")
+    parser.add_argument("--revision")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    info, _ = inspect_heads(resolve_folder(args.heads, args.revision))
+    print(f"folder      {info.folder}")
+    print(f"weights     {info.weights.name} ({info.dtype}, {info.parameters / 1e6:.1f} M parameters)")
+    print(f"heads       {info.config.num_heads} (config.json says {info.config_num_heads})")
+    print(f"layers      {info.config.num_layers} per head")
+    print(f"hidden size {info.hidden_size}")
+    print(f"lm_head     {'shared with the base model' if info.config.shares_lm_head else f'own, vocab {info.vocab_size}'}")
+
+
+if __name__ == "__main__":
+    main()

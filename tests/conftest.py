@@ -1,0 +1,51 @@
+"""Shared fixtures: one toy model with trained heads per session, and Hugging Face references."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub; set before huggingface_hub loads
+
+import pytest
+import torch
+
+from toy_model import build_toy, stdlib_texts
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """(MedusaModel, tokenizer): a seeded random 2-layer Llama whose heads were self-distilled."""
+    torch.manual_seed(0)
+    return build_toy()
+
+
+@pytest.fixture(scope="session")
+def prompts(toy):
+    """Eight held-out prompts of mixed lengths (3 to 40 tokens), as token ids."""
+    _, tokenizer = toy
+    ids = tokenizer(stdlib_texts(60)[-1])["input_ids"]
+    lengths = [3, 17, 8, 40, 5, 26, 11, 33]
+    return [ids[:1] + ids[100 + 50 * i : 100 + 50 * i + n - 1] for i, n in enumerate(lengths)]
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(toy):
+    """hf_greedy(prompt_ids, max_new_tokens, eos=<the model's>) -> generated ids, from HF generate()
+    at batch 1; EOS ends the output and is not part of it."""
+    model, tokenizer = toy
+
+    @functools.cache
+    def run(prompt: tuple[int, ...], max_new_tokens: int, eos: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = model.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+        return out[: out.index(eos)] if eos in out else out
+
+    return lambda prompt, max_new_tokens, eos=tokenizer.eos_token_id: run(tuple(prompt), max_new_tokens, eos)

@@ -1,0 +1,53 @@
+"""DeepSpeed-Inference wrapping on CPU: every forward goes through the InferenceEngine, and the
+wrapped model decodes exactly as the plain one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from deepspeed.inference.engine import InferenceEngine
+
+from engine import Engine
+from load_medusa_from_hf import load_medusa_model
+from medusa_model import MedusaModel, wrap_with_deepspeed
+from sequence import Request
+from tree import preset
+
+
+@pytest.fixture(scope="module")
+def wrapped(toy):
+    model, _ = toy
+    base = copy.deepcopy(model.model)  # the session's toy model stays unwrapped
+    return MedusaModel(base, model.heads, wrap_with_deepspeed(base, model.dtype))
+
+
+def test_every_forward_goes_through_the_inference_engine(wrapped, toy, prompts):
+    _, tokenizer = toy
+    assert isinstance(wrapped.runner, InferenceEngine)
+    calls = []
+    hook = wrapped.runner.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        engine = Engine(wrapped, tokenizer, tree=preset("tree15"), max_batch_size=8)
+        results = engine.generate([Request(str(i), p, max_new_tokens=20) for i, p in enumerate(prompts)])
+    finally:
+        hook.remove()
+    steps = max(s.decode_steps for s in results)
+    assert len(calls) == 1 + steps  # one prefill of all eight, then one forward per step
+
+
+def test_wrapped_and_plain_decode_identically(wrapped, toy, prompts):
+    model, tokenizer = toy
+    reqs = [Request(str(i), p, max_new_tokens=30) for i, p in enumerate(prompts)]
+    plain = Engine(model, tokenizer, tree=preset("tree15")).generate(reqs)
+    ds = Engine(wrapped, tokenizer, tree=preset("tree15")).generate(reqs)
+    assert [s.tokens for s in ds] == [s.tokens for s in plain]
+    assert [s.decode_steps for s in ds] == [s.decode_steps for s in plain]
+
+
+def test_kernel_injection_is_refused(toy):
+    model, _ = toy
+    with pytest.raises(ValueError, match="kernel injection cannot verify a Medusa tree"):
+        wrap_with_deepspeed(model.model, model.dtype, kernel_inject=True)
+    with pytest.raises(ValueError, match="kernel injection"):  # before any weight is read
+        load_medusa_model("/nonexistent/model", deepspeed=True, kernel_inject=True)
