@@ -18,6 +18,7 @@ import torch
 
 from engine import Engine
 from load_medusa_from_hf import load_medusa_model
+from medusa_model import MedusaModel, wrap_with_deepspeed
 from sequence import Request
 from toy_model import build_toy, stdlib_texts
 from tree import load_tree, preset
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per cell of the step table")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the tokens/s comparison")
     parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
@@ -82,11 +84,14 @@ def main() -> None:
         model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=args.deepspeed)
     else:
         model, tokenizer = build_toy()
+        if args.deepspeed:
+            model = MedusaModel(model.model, model.heads, wrap_with_deepspeed(model.model, model.dtype))
     corpus = tokenizer("\n".join(stdlib_texts(200)[-20:]))["input_ids"]
     n = args.prompt_tokens
     prompts = [corpus[i * 997 : i * 997 + n] for i in range(args.prompts)]
     print(f"model: {model.config.model_type}, {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f} M "
-          f"parameters, {model.num_heads} heads, {torch.get_num_threads()} threads, prompts of {n} tokens")
+          f"parameters, {model.num_heads} heads, DeepSpeed {'on' if model.runner is not model.model else 'off'}, "
+          f"{torch.get_num_threads()} threads, prompts of {n} tokens")
 
     print("\nstep time (median ms) by tokens verified per sequence and batch size")
     print(f"{'tokens':>6} {'tree':>13} {'B=1':>8} {'B=8':>8} {'B=1 / 1-token':>15} {'B=8 / 1-token':>15}")
@@ -98,22 +103,24 @@ def main() -> None:
         base = base or ms
         print(f"{tokens:>6} {name:>13} {ms[1]:>8.2f} {ms[8]:>8.2f} {ms[1] / base[1]:>15.2f} {ms[8] / base[8]:>15.2f}")
 
-    new = args.max_new_tokens
-    hf_s, hf_out = hf_generate(model.model, prompts, new, tokenizer.pad_token_id or 0)
-    std_s, std = engine_generate(model, tokenizer, preset("root"), prompts, new)
-    spec_s, spec = engine_generate(model, tokenizer, load_tree(args.tree), prompts, new)
-    total = len(prompts) * new
+    new, total = args.max_new_tokens, len(prompts) * args.max_new_tokens
+    runs = {"HF generate()": [], "standard (engine)": [], f"speculative {args.tree}": []}
+    for _ in range(args.repeats):  # modes alternate within each repeat, so drift hits all of them
+        hf_s, hf_out = hf_generate(model.model, prompts, new, tokenizer.pad_token_id or 0)
+        std_s, std = engine_generate(model, tokenizer, preset("root"), prompts, new)
+        spec_s, spec = engine_generate(model, tokenizer, load_tree(args.tree), prompts, new)
+        for runs_of_mode, seconds in zip(runs.values(), (hf_s, std_s, spec_s)):
+            runs_of_mode.append(total / seconds)
+    rate = {mode: statistics.median(r) for mode, r in runs.items()}
+    ratio = {mode: statistics.median(a / b for a, b in zip(r, runs["standard (engine)"])) for mode, r in runs.items()}
+    per_step = sum(s.decode_tokens for s in spec) / sum(s.decode_steps for s in spec)
+    print(f"\ngreedy, batch 1, {len(prompts)} prompts x {new} new tokens, median of {args.repeats} repeats")
+    print(f"{'':>24} {'tokens/s':>9} {'vs standard':>12} {'tokens/step':>12}")
+    for mode in runs:
+        print(f"{mode:>24} {rate[mode]:>9.1f} {ratio[mode]:>12.2f} {per_step if 'spec' in mode else 1.0:>12.2f}")
     same = all(a.tokens == b.tokens for a, b in zip(spec, std))
     same_hf = all(a.tokens == b for a, b in zip(std, hf_out))
-    steps = sum(s.decode_steps for s in spec)
-    print(f"\ngreedy, batch 1, {len(prompts)} prompts x {new} new tokens")
-    print(f"{'':>24} {'tokens/s':>9} {'vs standard':>12} {'tokens/step':>12}")
-    print(f"{'HF generate()':>24} {total / hf_s:>9.1f} {std_s / hf_s:>12.2f} {1.0:>12.2f}")
-    print(f"{'standard (engine)':>24} {total / std_s:>9.1f} {1.0:>12.2f} {1.0:>12.2f}")
-    print(f"{'speculative ' + args.tree:>24} {total / spec_s:>9.1f} {std_s / spec_s:>12.2f} "
-          f"{sum(s.decode_tokens for s in spec) / steps:>12.2f}")
     print(f"speculative == standard: {same}; standard == HF generate(): {same_hf}")
-
 
 if __name__ == "__main__":
     main()

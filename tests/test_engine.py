@@ -3,6 +3,8 @@ greedy output token for token, in every batch shape and tree, with stops inside 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from engine import Engine
@@ -193,3 +195,15 @@ def test_tree_deeper_than_the_heads_is_refused(toy):
     two_heads = MedusaModel(model.model, MedusaHeads(HeadsConfig(2), cfg.hidden_size, cfg.vocab_size))
     with pytest.raises(ValueError, match="4 deep but the model has 2 heads"):
         Engine(two_heads, tokenizer, tree=preset("chain4"))
+
+
+def test_parity_with_eager_attention(toy, prompts, hf_greedy):
+    """The additive 4-D mask works with HF's eager attention too, not only with sdpa."""
+    model, tokenizer = toy
+    base = copy.deepcopy(model.model)
+    base.set_attn_implementation("eager")
+    assert base.config._attn_implementation == "eager"
+    results = Engine(MedusaModel(base, model.heads), tokenizer, tree=preset("tree15"), max_batch_size=3).generate(
+        requests(prompts)
+    )
+    assert_parity(results, prompts, hf_greedy)
