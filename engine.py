@@ -89,9 +89,12 @@ class Engine:
                 raise ValueError(f"request {r.id}: prompt + max_new_tokens must fit in {self.max_context} tokens")
         start, dev = len(batch.seqs), self.model.device
         rows = slice(start, start + len(requests))
+        for r in requests:
+            batch.seqs.append(Sequence(r, TextStream(self.tokenizer, r.prompt_ids, r.stop), self.eos_token_ids))
+            batch.trees.append(self.tree if r.speculative else ROOT)
         lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
         t = int(lens.max())
-        ids = torch.zeros(len(requests), t, dtype=torch.long, device=dev)
+        ids = torch.zeros(len(requests), t, dtype=torch.long, device=dev)  # right-padded prompts
         for i, r in enumerate(requests):
             ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         arange = torch.arange(t, device=dev)
@@ -102,14 +105,7 @@ class Engine:
         first = logits[:, 0].argmax(-1)  # [B]
         batch.lengths[rows] = lens
         self._set_next(batch, rows, first, hidden[torch.arange(len(requests), device=dev), last])
-        events = []
-        for r, token in zip(requests, first.tolist()):
-            tree = self.tree if r.speculative else ROOT
-            seq = Sequence(r, TextStream(self.tokenizer, r.prompt_ids, r.stop), self.eos_token_ids)
-            batch.seqs.append(seq)
-            batch.trees.append(tree)
-            events.append(seq.extend([token], from_step=False))
-        return events
+        return [seq.extend([token], from_step=False) for seq, token in zip(batch.seqs[rows], first.tolist())]
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Event]:
@@ -167,9 +163,11 @@ class Engine:
         return [seq.extend(tok[:c], from_step=True) for seq, tok, c in zip(batch.seqs, tokens, counts)]
 
     def _set_next(self, batch: Batch, rows: slice, roots: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Record each sequence's next root and, from its hidden state [B, H], the heads' proposals."""
+        """Record each sequence's next root and, from its hidden state [B, H], the heads' proposals
+        (skipped when every sequence in `rows` decodes with the root alone: standard decoding pays
+        nothing for the heads)."""
         batch.next_tokens[rows] = roots
-        if self.model.num_heads and self.tree.topk:
+        if any(tree.num_nodes > 1 for tree in batch.trees[rows]):
             batch.proposals[rows] = self.model.head_logits(hidden).topk(self.tree.topk, dim=-1).indices
 
     def _forward(

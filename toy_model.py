@@ -1,13 +1,11 @@
 """A seeded random Llama with a byte-level BPE tokenizer and heads self-distilled on its own greedy
 output: a model whose heads really get accepted, built in seconds without any download.
 
-Tests use it; `python toy_model.py OUT` saves it as `OUT/model` (a Hugging Face folder) and
-`OUT/heads` (FasterDecoding layout) for bench_engine.py and the loader.
+Tests and bench_engine.py use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,19 +95,3 @@ def train_heads(model: MedusaModel, corpus: list[int], steps: int, prompts: int 
     for _ in range(steps):
         pick = torch.randint(0, len(data), (batch,), generator=g)
         trainer.fit(hidden[pick], data[pick])
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    from load_medusa_from_hf import save_medusa_heads
-
-    model, tokenizer = build_toy()
-    model.model.save_pretrained(args.out / "model")
-    tokenizer.save_pretrained(args.out / "model")
-    save_medusa_heads(model.heads, args.out / "heads", base_model=str(args.out / "model"))
-    print(f"saved {args.out}/model and {args.out}/heads")
-
-
-if __name__ == "__main__":
-    main()

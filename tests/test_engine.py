@@ -86,6 +86,16 @@ def test_standard_and_speculative_share_a_step(toy, prompts, hf_greedy):
     assert tokens_per_step(results[::2]) > 1.5
 
 
+def test_standard_decoding_never_runs_the_heads(toy, prompts, hf_greedy, monkeypatch):
+    """A benchmark of standard against speculative decoding must not charge the heads to standard."""
+    model, _ = toy
+    calls = []
+    monkeypatch.setattr(model, "head_logits", lambda hidden: calls.append(hidden))
+    results = make_engine(toy).generate(requests(prompts, speculative=False))
+    assert_parity(results, prompts, hf_greedy)
+    assert calls == []
+
+
 def test_max_new_tokens_one(toy, prompts, hf_greedy):
     results = make_engine(toy).generate(requests(prompts, 1))
     assert_parity(results, prompts, hf_greedy, 1)

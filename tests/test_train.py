@@ -1,0 +1,47 @@
+"""The Medusa-1 loss and the head trainer."""
+
+from __future__ import annotations
+
+import torch
+
+from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
+from train_medusa import MedusaTrainer, greedy_continuations, medusa_loss
+
+
+def test_head_k_is_scored_against_the_token_two_plus_k_ahead():
+    ids = torch.tensor([[5, 1, 7, 3, 0, 6, 2, 4]])
+    perfect = torch.full((1, 8, 3, 8), -20.0)
+    for t in range(8):
+        for k in range(3):
+            if t + 2 + k < 8:
+                perfect[0, t, k, ids[0, t + 2 + k]] = 20.0
+    loss, per_head = medusa_loss(perfect, ids)
+    assert loss.item() < 1e-6 and max(per_head) < 1e-6
+    shifted_loss, _ = medusa_loss(perfect.roll(1, dims=1), ids)  # each head one position late
+    assert shifted_loss.item() > 10
+
+
+def test_padding_is_not_scored():
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0]])
+    valid = torch.tensor([[True, True, True, True, False, False]])
+    logits = torch.zeros(1, 6, 1, 5)
+    logits[0, 0, 0, 3] = logits[0, 1, 0, 4] = 30.0  # right at the valid positions only
+    loss, _ = medusa_loss(logits, ids, valid)
+    assert loss.item() < 1e-6
+
+
+def test_trainer_lowers_the_loss_and_reports_accuracy(toy, prompts):
+    model, _ = toy
+    cfg = model.config
+    fresh = MedusaHeads(HeadsConfig(2), cfg.hidden_size, cfg.vocab_size)
+    fresh.init_lm_heads(model.lm_head)
+    student = MedusaModel(model.model, fresh)
+    data = torch.tensor([s[:40] for s in greedy_continuations(model.model, [p[:3] for p in prompts], 37)])
+    trainer = MedusaTrainer(student, total_steps=40, lr=1e-2)
+    first = trainer.step(data)
+    for _ in range(39):
+        last = trainer.step(data)
+    assert all(b < a / 2 for a, b in zip(first, last))
+    top1, top5 = trainer.accuracy(data, k=1), trainer.accuracy(data, k=5)
+    assert len(top1) == 2 and all(0.5 < a <= b <= 1 for a, b in zip(top1, top5))
+    assert not any(p.requires_grad for p in model.model.parameters())  # the base stays frozen
