@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from engine import Engine
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
@@ -197,6 +198,18 @@ def test_request_that_does_not_fit_is_refused(toy, prompts):
     engine = make_engine(toy)
     with pytest.raises(ValueError, match="must fit"):
         engine.admit(engine.new_batch(), [Request("x", prompts[0], max_new_tokens=engine.max_context)])
+
+
+def test_parity_with_version_2_heads(toy, prompts, hf_greedy):
+    """Heads that reuse the base lm_head ("version 2" layout) go through the same step."""
+    model, tokenizer = toy
+    cfg = model.config
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(4, 1, shares_lm_head=True), cfg.hidden_size, cfg.vocab_size)
+    for block in heads.parameters():
+        block.data.normal_(std=0.05)
+    engine = Engine(MedusaModel(model.model, heads.eval()), tokenizer, tree=preset("tree15"), max_batch_size=3)
+    assert_parity(engine.generate(requests(prompts)), prompts, hf_greedy)
 
 
 def test_tree_deeper_than_the_heads_is_refused(toy):
