@@ -122,5 +122,6 @@ def main() -> None:
     same_hf = all(a.tokens == b for a, b in zip(std, hf_out))
     print(f"speculative == standard: {same}; standard == HF generate(): {same_hf}")
 
+
 if __name__ == "__main__":
     main()

@@ -58,7 +58,7 @@ class ToyShape:
     init_std: float = 0.01  # small weights: greedy text that heads can learn to predict
 
 
-def build_toy(shape: ToyShape = ToyShape(), train_steps: int = 400, shares_lm_head: bool = False):
+def build_toy(shape: ToyShape = ToyShape(), train_steps: int = 400):
     """Returns (MedusaModel without DeepSpeed, tokenizer) with heads trained on the model's greedy text."""
     torch.manual_seed(shape.seed)
     texts = stdlib_texts(40)
@@ -78,7 +78,7 @@ def build_toy(shape: ToyShape = ToyShape(), train_steps: int = 400, shares_lm_he
         tie_word_embeddings=False,
     )
     base = LlamaForCausalLM(config).eval()
-    heads = MedusaHeads(HeadsConfig(shape.medusa_heads, 1, shares_lm_head), config.hidden_size, config.vocab_size)
+    heads = MedusaHeads(HeadsConfig(shape.medusa_heads), config.hidden_size, config.vocab_size)
     heads.init_lm_heads(base.lm_head)
     model = MedusaModel(base, heads.eval())
     train_heads(model, tokenizer("\n".join(texts))["input_ids"], train_steps)

@@ -109,7 +109,7 @@ def preset(name: str) -> Tree:
 def load_tree(spec: str) -> Tree:
     """A preset name, or a JSON file holding a list of paths (or {"name":…, "paths": […]})."""
     path = Path(spec)
-    if spec in PRESETS or not path.suffix == ".json":
+    if spec in PRESETS or path.suffix != ".json":
         return preset(spec)
     data = json.loads(path.read_text())
     if isinstance(data, dict):
