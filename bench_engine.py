@@ -21,14 +21,15 @@ from load_medusa_from_hf import load_medusa_model
 from medusa_model import MedusaModel, wrap_with_deepspeed
 from sequence import Request
 from toy_model import build_toy, stdlib_texts
-from tree import load_tree, preset
+from tree import Tree, load_tree, preset
 
 STEP_TREES = {1: "root", 4: "chain3", 8: "tree7", 16: "tree15", 64: "mc_sim_7b_63"}
 
 
-def step_times(model, tokenizer, prompt: list[int], batch: int, tree: str, steps: int) -> float:
+def step_times(model, tokenizer, prompt: list[int], batch: int, tree: Tree | str, steps: int) -> float:
     """Median seconds of one engine step with `batch` sequences, each verifying `tree`."""
-    engine = Engine(model, tokenizer, tree=preset(tree), max_batch_size=batch, eos_token_ids=[])
+    tree = preset(tree) if isinstance(tree, str) else tree
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=batch, eos_token_ids=[])
     state = engine.new_batch()
     room = engine.max_context - len(prompt)  # decoding stays within the context for all the timed steps
     engine.admit(state, [Request(str(i), prompt, max_new_tokens=room) for i in range(batch)])

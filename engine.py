@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from detokenizer import TextStream
 from kv_cache import KVCache
 from medusa_model import MedusaModel
-from sampling import Accepted, greedy_accept
+from sampling import Accepted, TokenLogprob, greedy_accept, token_logprobs
 from sequence import Event, Request, Sequence
 from tree import ROOT, StepTrees, Tree, stack_trees
 
@@ -105,7 +105,8 @@ class Engine:
         first = logits[:, 0].argmax(-1)  # [B]
         batch.lengths[rows] = lens
         self._set_next(batch, rows, first, hidden[torch.arange(len(requests), device=dev), last])
-        return [seq.extend([token], from_step=False) for seq, token in zip(batch.seqs[rows], first.tolist())]
+        logprobs = self._logprobs(batch.seqs[rows], logits, torch.zeros_like(lens)[:, None], first[:, None], [1] * len(lens))
+        return [seq.extend([tok], False, lp) for seq, tok, lp in zip(batch.seqs[rows], first.tolist(), logprobs)]
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Event]:
@@ -115,7 +116,7 @@ class Engine:
         tokens = self._propose(batch, rows, trees)
         logits, hidden = self._verify(batch, rows, tokens, trees)
         accepted = greedy_accept(tokens, logits, trees.retrieve)
-        return self._commit(batch, rows, accepted, hidden)
+        return self._commit(batch, rows, accepted, logits, hidden)
 
     def filter(self, batch: Batch) -> list[Sequence]:
         """Drop finished and cancelled sequences, moving the rest down so that slots stay compact."""
@@ -148,7 +149,8 @@ class Engine:
     def _verify(self, batch: Batch, rows: slice, tokens: torch.Tensor, trees: StepTrees):
         return self._forward(batch, rows, tokens, batch.lengths[rows], trees.mask, trees.depths)
 
-    def _commit(self, batch: Batch, rows: slice, acc: Accepted, hidden: torch.Tensor) -> list[Event]:
+    def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor
+                ) -> list[Event]:
         """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots."""
         lengths = batch.lengths[rows]
         last = (acc.count - 1)[:, None]  # [B, 1]: position of the last accepted node on its path
@@ -160,7 +162,19 @@ class Engine:
         rows_index = torch.arange(hidden.shape[0], device=hidden.device)
         self._set_next(batch, rows, acc.tokens.gather(1, last)[:, 0], hidden[rows_index, last_node])
         counts, tokens = acc.count.tolist(), acc.tokens.tolist()
-        return [seq.extend(tok[:c], from_step=True) for seq, tok, c in zip(batch.seqs, tokens, counts)]
+        logprobs = self._logprobs(batch.seqs, logits, acc.nodes, acc.tokens, counts)
+        return [seq.extend(tok[:c], True, lp) for seq, tok, c, lp in zip(batch.seqs, tokens, counts, logprobs)]
+
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, nodes: torch.Tensor, tokens: torch.Tensor,
+                  counts: list[int]) -> list[list[TokenLogprob] | None]:
+        """For the sequences that asked: log-probs of their first counts[b] tokens (tokens [B, D]),
+        token j chosen from the logits [B, T, V] at node nodes[b, j]."""
+        out = []
+        for b, (seq, n) in enumerate(zip(seqs, counts)):
+            top = seq.request.logprobs
+            out.append(None if top is None else token_logprobs(logits[b, nodes[b, :n]], tokens[b, :n], top))
+        return out
 
     def _set_next(self, batch: Batch, rows: slice, roots: torch.Tensor, hidden: torch.Tensor) -> None:
         """Record each sequence's next root and, from its hidden state [B, H], the heads' proposals

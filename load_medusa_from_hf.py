@@ -24,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from medusa_model import KERNEL_INJECT_REFUSED, HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
+from tree import Tree, load_tree
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+TREE_FILE = "medusa_choices.json"  # optional: the tree these heads were tuned with, their default
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
@@ -55,7 +57,7 @@ def resolve_folder(name_or_path: str, revision: str | None = None, cache_dir: st
         return path
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise HeadsError(f"{name_or_path}: not a folder of Medusa heads")
-    patterns = [CONFIG_FILE, *WEIGHT_FILES]
+    patterns = [CONFIG_FILE, TREE_FILE, *WEIGHT_FILES]
     return Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
 
 
@@ -125,6 +127,12 @@ def load_medusa_heads(
     except RuntimeError as e:  # missing or unexpected keys, wrong shapes
         raise HeadsError(f"{info.weights}: {e}") from None
     return heads.eval()
+
+
+def heads_tree(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Tree | None:
+    """The tree shipped with the heads (`medusa_choices.json`), if any."""
+    file = resolve_folder(name_or_path, revision, cache_dir) / TREE_FILE
+    return load_tree(str(file)) if file.exists() else None
 
 
 def save_medusa_heads(heads: MedusaHeads, folder: Path, base_model: str, safetensors: bool = True) -> None:

@@ -35,3 +35,17 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Te
     nodes = idx.view(b, p, d)[rows, best]  # [B, D]
     emitted = target[rows, best]  # [B, D]: position j holds the token that follows node j
     return Accepted(nodes=nodes, count=count, tokens=emitted)
+
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log p of the token, top alternatives by log p)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """logits [N, V] of the distributions the tokens [N] were chosen from -> each token's log-prob and
+    the `top` most likely tokens with theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+    if top == 0:
+        return [(c, []) for c in chosen]
+    values, ids = logp.topk(top, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]

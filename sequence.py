@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from detokenizer import TextStream
+from sampling import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     speculative: bool = True  # False: standard decoding (the root-only tree)
+    logprobs: int | None = None  # report each token's log-prob and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Event:
     text: str  # delta
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
     accepted: int = 0  # tokens the step verified for this sequence before any stop cut (0 for prefill)
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Sequence:
     def accepted_tokens_per_step(self) -> float | None:
         return self.decode_tokens / self.decode_steps if self.decode_steps else None
 
-    def extend(self, tokens: list[int], from_step: bool) -> Event:
+    def extend(self, tokens: list[int], from_step: bool, logprobs: list[TokenLogprob] | None = None) -> Event:
         """Append tokens one by one, honouring EOS, stop strings and max_new_tokens."""
         emitted, text = [], []
         for token in tokens:
@@ -69,7 +72,8 @@ class Sequence:
             self.decode_steps += 1
             self.decode_tokens += len(emitted)
         accepted = len(tokens) if from_step else 0
-        return Event(self.request.id, emitted, "".join(text), self.finish_reason, accepted)
+        kept = None if logprobs is None else logprobs[: len(emitted)]
+        return Event(self.request.id, emitted, "".join(text), self.finish_reason, accepted, kept)
 
     def cancel(self) -> None:
         if not self.done:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub; set before huggingface_hub loads
 
 import pytest
 import torch

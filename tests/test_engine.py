@@ -230,3 +230,21 @@ def test_parity_with_eager_attention(toy, prompts, hf_greedy):
         requests(prompts)
     )
     assert_parity(results, prompts, hf_greedy)
+
+
+def test_logprobs_are_those_of_the_base_model_at_each_emitted_token(toy, prompts):
+    model, tokenizer = toy
+    engine = Engine(model, tokenizer, tree=preset("tree15"), max_batch_size=2)
+    asked = Request("a", prompts[1], max_new_tokens=12, ignore_eos=True, logprobs=3)
+    events = list(engine.generate_stream([asked, Request("b", prompts[2], max_new_tokens=12)]))
+    tokens = [t for e in events if e.request_id == "a" for t in e.token_ids]
+    logprobs = [lp for e in events if e.request_id == "a" for lp in e.logprobs]
+    assert all(e.logprobs is None for e in events if e.request_id == "b")
+    full = torch.tensor([prompts[1] + tokens])
+    with torch.no_grad():
+        ref = torch.log_softmax(model.model(full).logits[0, len(prompts[1]) - 1 : -1], -1)  # [12, V]
+    assert len(logprobs) == len(tokens) == 12
+    for j, (chosen, top) in enumerate(logprobs):
+        assert chosen == pytest.approx(ref[j, tokens[j]].item(), abs=1e-4)
+        assert [t for t, _ in top] == ref[j].topk(3).indices.tolist()
+        assert top[0][0] == tokens[j]  # greedy: the chosen token is the most likely one

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from load_medusa_from_hf import load_medusa_model
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
-from train_medusa import MedusaTrainer, greedy_continuations, medusa_loss
+from toy_model import stdlib_texts
+from train_medusa import MedusaTrainer, greedy_continuations, held_out_by_hash, main, medusa_loss
 
 
 def test_head_k_is_scored_against_the_token_two_plus_k_ahead():
@@ -45,3 +49,24 @@ def test_trainer_lowers_the_loss_and_reports_accuracy(toy, prompts):
     top1, top5 = trainer.accuracy(data, k=1), trainer.accuracy(data, k=5)
     assert len(top1) == 2 and all(0.5 < a <= b <= 1 for a, b in zip(top1, top5))
     assert not any(p.requires_grad for p in model.model.parameters())  # the base stays frozen
+
+
+def test_command_line_trains_heads_the_loader_reads(toy, tmp_path):
+    model, tokenizer = toy
+    model.model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(stdlib_texts(30)):
+        (docs / f"doc{i}.py").write_text(text)
+    assert any(held_out_by_hash(f"doc{i}.py", 10) for i in range(30))
+    argv = ["--model", str(tmp_path / "base"), "--out", str(tmp_path / "heads"), "--data", str(docs),
+            "--held-out-percent", "10", "--heads", "2", "--shared-lm-head", "--self-distill", "--sequences", "32",
+            "--eval-sequences", "8", "--seq-len", "32", "--prompt-tokens", "8", "--steps", "30", "--batch", "8",
+            "--lr", "1e-2", "--warmup", "0", "--device", "cpu"]
+    main(argv)
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert all(last < first for first, last in zip(report["first_loss"], report["last_loss"]))
+    assert all(0 <= a <= b <= 1 for a, b in zip(report["held_out"]["top1"], report["held_out"]["top5"]))
+    served, _ = load_medusa_model(str(tmp_path / "base"), str(tmp_path / "heads"), deepspeed=False)
+    assert served.num_heads == 2 and served.heads.config.shares_lm_head

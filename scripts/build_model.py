@@ -1,0 +1,192 @@
+"""Build the bundled model from scratch: corpus -> tokenizer -> LlamaForCausalLM -> HF folder.
+
+    python -m scripts.build_model --out models/pycoder-4m --minutes 90
+
+Stages cache their output under --work (tokenizer, token arrays, checkpoints), so an interrupted run
+resumes where it stopped. Heads are trained afterwards with train_medusa.py and the tree chosen with
+scripts/tune_tree.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from scripts.corpus import HELD_OUT_PERCENT, collect, encode, split
+from toy_model import train_tokenizer
+
+TOKENIZER_SAMPLE_EVERY = 4  # the tokenizer learns its merges from every 4th training file
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    context: int = 512
+
+    def config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.context,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    batch: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    eval_every: int = 250
+    seed: int = 0
+
+    def lr_at(self, step: int, total: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def prepare_data(work: Path, vocab_size: int) -> dict:
+    """Tokenizer and the two token arrays, built once into `work`."""
+    if (work / "corpus.json").exists():
+        return json.loads((work / "corpus.json").read_text())
+    train, held_out = split(collect())
+    tokenizer = train_tokenizer([f.text for f in train[::TOKENIZER_SAMPLE_EVERY]], vocab_size)
+    tokenizer.save_pretrained(work / "tokenizer")
+    np.save(work / "train.npy", encode(tokenizer, train))
+    np.save(work / "held_out.npy", encode(tokenizer, held_out))
+    info = {
+        "files": {"train": len(train), "held_out": len(held_out)},
+        "chars": {"train": sum(len(f.text) for f in train), "held_out": sum(len(f.text) for f in held_out)},
+        "tokens": {"train": int(np.load(work / "train.npy").size), "held_out": int(np.load(work / "held_out.npy").size)},
+        "held_out_rule": f"sha256(root/path) mod 100 < {HELD_OUT_PERCENT}",
+        "held_out_files": [f.name for f in held_out],
+    }
+    (work / "corpus.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([data[s : s + seq_len] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def held_out_loss(model: LlamaForCausalLM, data: np.ndarray, seq_len: int, count: int = 64) -> float:
+    """Mean next-token loss (nats) over `count` evenly spaced held-out windows, in fp32."""
+    model.eval()
+    starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
+    losses = [model(x[None], labels=x[None]).loss.item() for x in windows(data, starts, seq_len)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(work: Path, shape: Shape, sched: Schedule, steps: int | None, minutes: float) -> tuple[LlamaForCausalLM, dict]:
+    tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
+    train_ids, held_ids = np.load(work / "train.npy"), np.load(work / "held_out.npy")
+    torch.manual_seed(sched.seed)
+    model = LlamaForCausalLM(shape.config(tokenizer))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": sched.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=sched.lr, betas=(0.9, 0.95), fused=False,
+    )
+    ckpt, log_path, start, elapsed, log = work / "checkpoint.pt", work / "train_log.jsonl", 0, 0.0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed, steps = state["step"], state["elapsed"], state["steps"]
+        log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rng = np.random.default_rng(sched.seed)
+    rng.integers(0, len(train_ids) - sched.seq_len, (start, sched.batch))  # replay the draws already used
+    model.train()
+    forward = torch.compile(model)  # about 1.35x faster training steps on CPU after a ~40 s compile
+    bar = tqdm(total=steps, initial=start, desc="pretrain")
+    step = start
+    while steps is None or step < steps:
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = sched.lr_at(step, steps or 10**9)
+        x = windows(train_ids, rng.integers(0, len(train_ids) - sched.seq_len, sched.batch), sched.seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed += time.perf_counter() - t0
+        if step == start + 10:
+            warm = (step, elapsed)  # compilation is over
+        if steps is None and step == start + 60:  # fix the step count from the measured speed
+            per_step = (elapsed - warm[1]) / (step - warm[0])
+            steps = step + int((minutes * 60 - elapsed) / per_step)
+            bar.total = steps
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % sched.eval_every == 0 or step == steps:
+            entry = {"step": step, "train_loss": loss.item(), "held_out_loss": held_out_loss(model, held_ids, sched.seq_len),
+                     "elapsed_s": round(elapsed), "lr": opt.param_groups[0]["lr"]}
+            log.append(entry)
+            tqdm.write(json.dumps(entry))
+            log_path.write_text("".join(json.dumps(e) + "\n" for e in log))
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                        "steps": steps}, ckpt)
+    bar.close()
+    return model.eval(), {"steps": steps, "tokens_seen": steps * sched.batch * sched.seq_len,
+                          "train_seconds": round(elapsed), "log": log}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("artifacts/build_model"))
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: as many as fit in --minutes)")
+    parser.add_argument("--minutes", type=float, default=90.0)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    shape, sched = Shape(), Schedule()
+    corpus = prepare_data(args.work, shape.vocab_size)
+    model, run = train(args.work, shape, sched, args.steps, args.minutes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, max_shard_size="10MB")
+    AutoTokenizer.from_pretrained(args.work / "tokenizer").save_pretrained(args.out)
+    report = {"shape": asdict(shape), "schedule": asdict(sched), "corpus": corpus, **run,
+              "held_out_loss": run["log"][-1]["held_out_loss"], "hardware": _hardware()}
+    (args.out / "training.json").write_text(json.dumps(report, indent=1))
+
+
+def _hardware() -> str:
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The bundled model's corpus: the Python sources installed beside the project (the standard library
+and the virtual environment's site-packages), split into train and held-out files by a hash of each
+file's path, and tokenised once into a flat array of token ids.
+"""
+
+from __future__ import annotations
+
+import site
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerFast
+
+from train_medusa import held_out_by_hash
+
+HELD_OUT_PERCENT = 2  # a file is held out when sha256(its relative path) mod 100 < this
+MAX_FILE_BYTES = 200_000  # generated tables and vendored blobs teach nothing
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    root: str  # "stdlib" or "site-packages"
+    path: str  # relative to its root, with forward slashes
+    text: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.root}/{self.path}"
+
+    @property
+    def held_out(self) -> bool:
+        return held_out_by_hash(self.name, HELD_OUT_PERCENT)
+
+
+def source_roots() -> dict[str, Path]:
+    roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
+    packages = [Path(p) for p in site.getsitepackages() if Path(p).is_dir()]
+    if packages:
+        roots["site-packages"] = packages[0]
+    return roots
+
+
+def collect(roots: dict[str, Path] | None = None) -> list[SourceFile]:
+    """Every readable *.py under the roots, in a stable order (stdlib's site-packages skipped)."""
+    files = []
+    for label, root in (roots or source_roots()).items():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if label == "stdlib" and rel.startswith("site-packages/"):
+                continue
+            if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                files.append(SourceFile(label, rel, text))
+    return files
+
+
+def split(files: list[SourceFile]) -> tuple[list[SourceFile], list[SourceFile]]:
+    train = [f for f in files if not f.held_out]
+    return train, [f for f in files if f.held_out]
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, files: list[SourceFile]) -> np.ndarray:
+    """One flat uint16 array: each file as <s> text </s>."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer([f.text for f in files])["input_ids"]  # the tokenizer prepends <s>
+    return np.fromiter((t for seq in ids for t in [*seq, eos]), dtype=np.uint16)
+
+
+def held_out_prompts(tokenizer: PreTrainedTokenizerFast, count: int, tokens: int) -> list[list[int]]:
+    """`count` prompts of `tokens` tokens (BOS included), one from each of `count` held-out files
+    spread over the list; each starts at a line in the middle of its file."""
+    files = [f for f in split(collect())[1] if len(f.text) > 8 * tokens]
+    prompts = []
+    for f in files[:: max(1, len(files) // count)][:count]:
+        start = f.text.rfind("\n", 0, len(f.text) // 2) + 1
+        prompts.append(tokenizer(f.text[start:])["input_ids"][:tokens])
+    return prompts

@@ -1,0 +1,108 @@
+"""Choose the Medusa tree for a model on this machine, from measurements:
+
+1. acceptance: on greedy continuations of held-out prompts, the rank of each true next token in
+   each head's distribution, jointly over the heads; P(node) = the share of positions where every
+   head on the node's path ranks the true token exactly as the path says. Expected tokens per step
+   of a tree = 1 + sum of P over its nodes (at most one node per depth can be accepted).
+2. cost: the engine's step time at batch 1 with trees of each size.
+
+Trees are grown greedily (always the most probable node whose parent is in), so each is a prefix of
+the next; the one with the most expected tokens per second wins and is written as
+`medusa_choices.json` into the heads folder, its default tree.
+
+    python -m scripts.tune_tree --model models/pycoder-4m --heads models/pycoder-4m/medusa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bench_engine import step_times
+from load_medusa_from_hf import TREE_FILE, load_medusa_model
+from scripts.corpus import held_out_prompts
+from train_medusa import greedy_continuations
+from tree import ROOT, build_tree
+
+MAX_RANK = 10  # ranks beyond this are never in a tree
+SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 63)
+
+
+@torch.no_grad()
+def joint_ranks(model, sequences: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
+    """[positions, K]: rank (capped at MAX_RANK) of token t+2+k in head k's logits at t, over the
+    continuation positions t where every head's target exists."""
+    K = model.num_heads
+    _, hidden = model.forward(sequences, logits_to_keep=1)
+    logits = model.head_logits(hidden)  # [B, T, K, V]
+    T = sequences.shape[1]
+    rows = []
+    for t in range(prompt_tokens - 1, T - 1 - K):
+        target = torch.stack([sequences[:, t + 2 + k] for k in range(K)], dim=1)  # [B, K]
+        target_logit = logits[:, t].gather(-1, target[..., None])  # [B, K, 1]
+        rows.append((logits[:, t] > target_logit).sum(-1).clamp(max=MAX_RANK))  # [B, K]
+    return torch.cat(rows)
+
+
+def path_probability(ranks: torch.Tensor, path: tuple[int, ...]) -> float:
+    hit = torch.ones(len(ranks), dtype=torch.bool)
+    for depth, rank in enumerate(path):
+        hit &= ranks[:, depth] == rank
+    return hit.float().mean().item()
+
+
+def grow_tree(ranks: torch.Tensor, max_nodes: int) -> list[tuple[tuple[int, ...], float]]:
+    """Nodes in the order a greedy search adds them: (path, P(accepted))."""
+    K = ranks.shape[1]
+    frontier = {(r,): path_probability(ranks, (r,)) for r in range(MAX_RANK)}
+    order = []
+    while frontier and len(order) < max_nodes:
+        path = max(frontier, key=lambda p: (frontier[p], -len(p)))
+        order.append((path, frontier.pop(path)))
+        if len(path) < K:
+            frontier.update({path + (r,): path_probability(ranks, path + (r,)) for r in range(MAX_RANK)})
+    return order
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--heads", required=True)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size")
+    args = parser.parse_args()
+
+    model, tokenizer = load_medusa_model(args.model, args.heads)
+    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    sequences = torch.tensor(greedy_continuations(model.model, prompts, args.new_tokens))
+    ranks = joint_ranks(model, sequences, args.prompt_tokens)
+    order = grow_tree(ranks, max(SIZES))
+    print(f"{len(ranks)} positions; head top-1: {[round((ranks[:, k] == 0).float().mean().item(), 3) for k in range(ranks.shape[1])]}")
+
+    root_ms = 1e3 * step_times(model, tokenizer, prompts[0], 1, ROOT, args.steps)
+    rows = [{"nodes": 0, "tokens_per_step": 1.0, "step_ms": root_ms, "tokens_per_s": 1e3 / root_ms}]
+    for n in SIZES:
+        tree = build_tree([p for p, _ in order[:n]], f"tuned{n}")
+        ms = 1e3 * step_times(model, tokenizer, prompts[0], 1, tree, args.steps)
+        expected = 1 + sum(p for _, p in order[:n])
+        rows.append({"nodes": n, "tokens_per_step": expected, "step_ms": ms, "tokens_per_s": 1e3 * expected / ms})
+    print(f"{'nodes':>5} {'E[tokens/step]':>15} {'step ms':>8} {'E[tokens/s]':>12} {'vs root':>8}")
+    for r in rows:
+        print(f"{r['nodes']:>5} {r['tokens_per_step']:>15.2f} {r['step_ms']:>8.2f} {r['tokens_per_s']:>12.1f} "
+              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:>8.2f}")
+    best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+    paths = [list(p) for p, _ in order[: best["nodes"]]]
+    out = Path(args.heads) / TREE_FILE
+    out.write_text(json.dumps({"name": f"{Path(args.model).name}-{best['nodes']}", "paths": paths}) + "\n")
+    report = {"positions": len(ranks), "order": [[list(p), round(q, 4)] for p, q in order], "sizes": rows, "chosen": best}
+    (Path(args.heads) / "tree_tuning.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"chose {best['nodes']} nodes -> {out}")
+
+
+if __name__ == "__main__":
+    main()
