@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -101,12 +101,22 @@ class Engine:
         causal = (arange[None, :, None] >= arange[None, None, :]) & (arange[None, None, :] < lens[:, None, None])
         last = lens - 1
         zero = torch.zeros_like(lens)
-        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), last[:, None])
-        first = logits[:, 0].argmax(-1)  # [B]
+        score = any(r.score_prompt for r in requests)
+        keep = 0 if score else last[:, None]  # every position's logits only when a prompt is scored
+        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), keep)
+        at = last[:, None] if score else torch.zeros_like(last)[:, None]  # [B, 1]: where the next-token logits are
+        b_index = torch.arange(len(requests), device=dev)
+        first = logits[b_index, at[:, 0]].argmax(-1)  # [B]
         batch.lengths[rows] = lens
-        self._set_next(batch, rows, first, hidden[torch.arange(len(requests), device=dev), last])
-        logprobs = self._logprobs(batch.seqs[rows], logits, torch.zeros_like(lens)[:, None], first[:, None], [1] * len(lens))
-        return [seq.extend([tok], False, lp) for seq, tok, lp in zip(batch.seqs[rows], first.tolist(), logprobs)]
+        self._set_next(batch, rows, first, hidden[b_index, last])
+        logprobs = self._logprobs(batch.seqs[rows], logits, at, first[:, None], [1] * len(lens))
+        events = [seq.extend([tok], False, lp) for seq, tok, lp in zip(batch.seqs[rows], first.tolist(), logprobs)]
+        for i, r in enumerate(requests):
+            if r.score_prompt:  # token j of the prompt was predicted at position j - 1
+                n = len(r.prompt_ids)
+                scored = token_logprobs(logits[i, : n - 1], ids[i, 1:n], r.logprobs or 0)
+                events[i] = replace(events[i], prompt_logprobs=scored)
+        return events
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Event]:

@@ -23,6 +23,8 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Te
     retrieve [B, P, D] root-to-leaf node indices padded with -1.
     """
     pred = logits.argmax(-1)  # [B, T]: greedy next token after each node
+    if tokens.shape[1] == 1:  # root-only trees (standard decoding): the root's argmax is all there is
+        return Accepted(nodes=torch.zeros_like(pred), count=torch.ones_like(pred[:, 0]), tokens=pred)
     b, p, d = retrieve.shape
     idx = retrieve.clamp(min=0).view(b, p * d)
     cand = tokens.gather(1, idx).view(b, p, d)  # token at each path position

@@ -17,6 +17,7 @@ class Request:
     ignore_eos: bool = False
     speculative: bool = True  # False: standard decoding (the root-only tree)
     logprobs: int | None = None  # report each token's log-prob and this many top alternatives
+    score_prompt: bool = False  # also the prompt tokens' log-probs (OpenAI's echo with logprobs)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
     accepted: int = 0  # tokens the step verified for this sequence before any stop cut (0 for prefill)
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first event only, when asked)
 
 
 @dataclass

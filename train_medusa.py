@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -145,12 +147,18 @@ def read_documents(paths: list[str], held_out_percent: float) -> tuple[list[str]
 
 
 def windows(tokenizer, texts: list[str], count: int, length: int, seed: int) -> torch.Tensor:
-    """`count` random windows [count, length] of the documents' tokens, each starting with BOS."""
-    ids = [t for seq in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in [*seq, tokenizer.eos_token_id]]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - length, (count,), generator=g).tolist()
+    """`count` windows [count, length] of token ids, each BOS then the text from the start of a
+    random line (documents drawn in proportion to their length; only the drawn text is tokenised)."""
+    rng = random.Random(seed)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return torch.tensor([bos + ids[s : s + length - len(bos)] for s in starts])
+    need, rows, cumulative = length - len(bos), [], list(itertools.accumulate(len(t) for t in texts))
+    while len(rows) < count:
+        text = rng.choices(texts, cum_weights=cumulative)[0]
+        start = text.rfind("\n", 0, rng.randrange(len(text))) + 1
+        ids = tokenizer(text[start : start + 16 * need], add_special_tokens=False)["input_ids"][:need]
+        if len(ids) == need:
+            rows.append(bos + ids)
+    return torch.tensor(rows)
 
 
 def build_data(model, tokenizer, texts: list[str], args, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

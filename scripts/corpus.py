@@ -5,6 +5,7 @@ file's path, and tokenised once into a flat array of token ids.
 
 from __future__ import annotations
 
+import json
 import site
 import sysconfig
 from dataclasses import dataclass
@@ -70,10 +71,24 @@ def encode(tokenizer: PreTrainedTokenizerFast, files: list[SourceFile]) -> np.nd
     return np.fromiter((t for seq in ids for t in [*seq, eos]), dtype=np.uint16)
 
 
-def held_out_prompts(tokenizer: PreTrainedTokenizerFast, count: int, tokens: int) -> list[list[int]]:
+def model_held_out(model_folder: str | Path) -> list[SourceFile]:
+    """The held-out files a bundled model was evaluated on, as its training.json names them (a
+    machine with other packages installed has other files; those named and present are used)."""
+    names = json.loads((Path(model_folder) / "training.json").read_text())["corpus"]["held_out_files"]
+    roots, files = source_roots(), []
+    for name in names:
+        label, rel = name.split("/", 1)
+        path = roots[label] / rel
+        if path.is_file():
+            files.append(SourceFile(label, rel, path.read_text(encoding="utf-8", errors="replace")))
+    return files
+
+
+def held_out_prompts(tokenizer: PreTrainedTokenizerFast, files: list[SourceFile], count: int, tokens: int
+                     ) -> list[list[int]]:
     """`count` prompts of `tokens` tokens (BOS included), one from each of `count` held-out files
     spread over the list; each starts at a line in the middle of its file."""
-    files = [f for f in split(collect())[1] if len(f.text) > 8 * tokens]
+    files = [f for f in files if len(f.text) > 8 * tokens]
     prompts = []
     for f in files[:: max(1, len(files) // count)][:count]:
         start = f.text.rfind("\n", 0, len(f.text) // 2) + 1

@@ -23,7 +23,7 @@ import torch
 
 from bench_engine import step_times
 from load_medusa_from_hf import TREE_FILE, load_medusa_model
-from scripts.corpus import held_out_prompts
+from scripts.corpus import held_out_prompts, model_held_out
 from train_medusa import greedy_continuations
 from tree import ROOT, build_tree
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_medusa_model(args.model, args.heads)
-    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    prompts = held_out_prompts(tokenizer, model_held_out(args.model), args.prompts, args.prompt_tokens)
     sequences = torch.tensor(greedy_continuations(model.model, prompts, args.new_tokens))
     ranks = joint_ranks(model, sequences, args.prompt_tokens)
     order = grow_tree(ranks, max(SIZES))

@@ -248,3 +248,20 @@ def test_logprobs_are_those_of_the_base_model_at_each_emitted_token(toy, prompts
         assert chosen == pytest.approx(ref[j, tokens[j]].item(), abs=1e-4)
         assert [t for t, _ in top] == ref[j].topk(3).indices.tolist()
         assert top[0][0] == tokens[j]  # greedy: the chosen token is the most likely one
+
+
+def test_prompt_logprobs_score_every_prompt_token_after_the_first(toy, prompts):
+    model, tokenizer = toy
+    engine = Engine(model, tokenizer, tree=preset("tree7"), max_batch_size=2)
+    scored = Request("a", prompts[3], max_new_tokens=4, logprobs=2, score_prompt=True)
+    events = list(engine.generate_stream([scored, Request("b", prompts[1], max_new_tokens=4)]))
+    first = next(e for e in events if e.request_id == "a")
+    assert all(e.prompt_logprobs is None for e in events if e is not first)
+    with torch.no_grad():
+        ref = torch.log_softmax(model.model(torch.tensor([prompts[3]])).logits[0], -1)  # [P, V]
+    assert len(first.prompt_logprobs) == len(prompts[3]) - 1
+    for j, (chosen, top) in enumerate(first.prompt_logprobs):
+        assert chosen == pytest.approx(ref[j, prompts[3][j + 1]].item(), abs=1e-4)
+        assert [t for t, _ in top] == ref[j].topk(2).indices.tolist()
+    unscored = engine.generate([Request("c", prompts[3], max_new_tokens=4)])[0]
+    assert [t for e in events if e.request_id == "a" for t in e.token_ids] == unscored.tokens

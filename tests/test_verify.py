@@ -80,3 +80,10 @@ def test_padding_nodes_are_never_accepted():
     acc = accept([[1, 2, 3, 3, 3, 3], [7, 3, 4, 5, 6, 8]], [[2, 3, 3, 3, 3, 3], [9] * 6], (chain, TREE))
     assert acc.count.tolist() == [2, 1]
     assert acc.tokens[0, :2].tolist() == [2, 3]
+
+
+def test_root_only_trees_emit_the_root_argmax():
+    root = build_tree([])
+    out = accept([[4], [9]], [[7], [2]], (root, root))
+    assert out.count.tolist() == [1, 1]
+    assert out.tokens.tolist() == [[7], [2]] and out.nodes.tolist() == [[0], [0]]

@@ -1,0 +1,251 @@
+"""The HTTP service: an app factory (tests build it with their own settings) and `python app.py`,
+which serves it with uvicorn. Routes: POST /v1/completions (JSON or SSE), GET /health, /v1/models,
+/info, /metrics, and the demo page at /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from batch_processor import DynamicBatcher, EngineFailure, QueueFull
+from completions import BadRequest, Completion, Limits
+from engine import Engine
+from load_medusa_from_hf import heads_tree, load_medusa_model
+from metrics import ServiceMetrics
+from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
+from settings import Settings, settings_from_command_line
+from tree import ROOT, Tree, load_tree, preset
+
+log = logging.getLogger("medusa")
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503)}
+FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports per union branch
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+}
+
+
+@dataclass
+class Served:
+    engine: Engine
+    tree: Tree
+    deepspeed: bool
+
+
+def load_served(settings: Settings) -> Served:
+    """The model, heads, tree and engine the settings describe."""
+    dtype = getattr(torch, settings.resolved_dtype())
+    model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
+                                         dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
+                                         revision=settings.revision)
+    tree = choose_tree(settings, model.num_heads)
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context)
+    return Served(engine, tree, settings.deepspeed)
+
+
+def choose_tree(settings: Settings, num_heads: int) -> Tree:
+    """MEDUSA_CHOICES, else the heads' own tree, else mc_sim_7b_63 (root only without heads)."""
+    if settings.medusa_choices:
+        return load_tree(settings.medusa_choices)
+    if not num_heads:
+        return ROOT
+    return heads_tree(settings.medusa_heads, settings.revision) or preset("mc_sim_7b_63")
+
+
+def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """413 for bodies over the limit: by Content-Length up front, or as a body streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body over {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await error(413, message)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, message)  # FastAPI re-raises HTTPExceptions met while reading
+            return msg
+
+        await self.app(scope, counted, send)
+
+
+def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_served) -> FastAPI:
+    metrics = ServiceMetrics()
+    state: dict = {"served": None, "batcher": None, "load_error": None}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load():
+            try:
+                served = await asyncio.to_thread(loader, settings)
+            except Exception as e:
+                log.exception("model failed to load")
+                state["load_error"] = f"model failed to load: {e}"
+                return
+            batcher = DynamicBatcher(served.engine, settings.max_wait_ms, settings.queue_size, metrics)
+            batcher.start()
+            state["served"], state["batcher"] = served, batcher
+            log.info("serving %s on %s", settings.model_id(), served.engine.model.device)
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()  # a load still running in its thread is abandoned
+        if state["batcher"] is not None:
+            await state["batcher"].stop()
+
+    app = FastAPI(title="Medusa completions", lifespan=lifespan, responses=ERRORS)
+    app.state.settings, app.state.metrics, app.state.serving = settings, metrics, state
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
+        loc = [str(p) for p in first.get("loc", ())]
+        param = loc[1] if len(loc) > 1 and loc[0] == "body" else None  # the field, not the union branch
+        message = FIELD_SHAPES.get(param) if len(loc) > 2 else None
+        message = message or str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error(400, f"{param}: {message}" if param else message, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc: HTTPException):
+        messages = {404: "no such route", 405: "method not allowed"}
+        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, exc: Exception):
+        log.exception("unhandled error")
+        return error(500, "internal server error")
+
+    def ready():
+        if state["served"] is None:
+            return None, error(503, state["load_error"] or "the model is loading", headers={"Retry-After": "5"})
+        if state["batcher"].dead:
+            return None, error(503, "the engine has stopped; see the server log")
+        return state["served"], None
+
+    @app.get("/health", responses=ERRORS)
+    async def health():
+        _, not_ready = ready()
+        return not_ready or {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=settings.model_id(), created=int(time.time()))])
+
+    @app.get("/info", responses=ERRORS)
+    async def info():
+        served, not_ready = ready()
+        if not_ready:
+            return not_ready
+        engine, batcher = served.engine, state["batcher"]
+        return {
+            "model": settings.model_id(), "model_path": settings.model_name, "heads": settings.heads(),
+            "num_heads": engine.model.num_heads, "tree": served.tree.describe(), "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).removeprefix("torch."), "deepspeed": served.deepspeed,
+            "max_batch_size": engine.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+            "queue_size": settings.queue_size, "max_context": engine.max_context,
+            "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,
+            "waiting": batcher.waiting, "steps_by_batch_size": dict(sorted(batcher.batch_sizes.items())),
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(req: CompletionRequest, http: Request):
+        served, not_ready = ready()
+        if not_ready:
+            return not_ready
+        if req.model is not None and req.model != settings.model_id():
+            return error(404, f"model {req.model!r} is not served here; this server serves {settings.model_id()!r}",
+                         "model")
+        engine = served.engine
+        limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n,
+                        engine.model.config.vocab_size, engine.model.num_heads > 0 and served.tree.num_nodes > 1)
+        try:
+            completion = Completion(req, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics)
+            if len(completion.requests) > settings.queue_size + settings.max_batch_size:
+                raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
+            ticket = completion.submit()
+        except BadRequest as e:
+            return error(400, str(e), e.param)
+        except QueueFull as e:
+            return error(429, str(e), headers={"Retry-After": str(int(e.retry_after))})
+        except EngineFailure as e:
+            return error(503, str(e))
+        if req.stream:
+            cancel = BackgroundTask(state["batcher"].cancel, ticket) if ticket else None  # also if never started
+            return EventSourceResponse(completion.sse(ticket), sep="\n", ping=15, background=cancel)
+        try:
+            await until_done_or_disconnected(completion.updates(ticket), http)
+        except EngineFailure as e:
+            return error(500, str(e))
+        return completion.response()
+
+    page = Path(__file__).with_name("static") / "index.html"
+    if page.exists():  # the demo page; a mount at "/" would shadow the API's 404s and 405s
+
+        @app.get("/", include_in_schema=False)
+        async def demo():
+            return FileResponse(page)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+async def until_done_or_disconnected(updates, http: Request, poll_s: float = 0.25) -> None:
+    """Drain a completion's updates; a client that goes away cancels it (its slots free up)."""
+
+    async def drain():
+        async for _ in updates:
+            pass
+
+    task = asyncio.create_task(drain())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and await http.is_disconnected():
+                return  # the finally cancels the drain, and with it the request's sequences
+        task.result()  # re-raises EngineFailure
+    finally:
+        task.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from_command_line(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""OpenAI completions on top of the batcher: a validated request becomes engine Requests (one per
+prompt and choice); their updates become one JSON response or a stream of SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from batch_processor import DynamicBatcher, EngineFailure, Ticket, Update
+from detokenizer import CONTEXT_TOKENS
+from metrics import ServiceMetrics
+from protocol import Choice, CompletionRequest, CompletionResponse, Logprobs, Metrics, Usage, error_body
+from sampling import TokenLogprob
+from sequence import Request
+
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_context: int
+    max_tokens: int
+    max_n: int
+    vocab_size: int
+    speculative_default: bool
+
+
+def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits) -> list[tuple[str, list[int]]]:
+    """(prompt text, prompt ids) per prompt, checked against the model's limits."""
+    if req.temperature > 0:
+        raise BadRequest("sampling (temperature > 0) is not available yet: send temperature 0 for greedy decoding",
+                         "temperature")
+    if req.max_tokens > limits.max_tokens:
+        raise BadRequest(f"max_tokens is {req.max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
+    prompts = req.prompts()
+    if len(prompts) * req.n > limits.max_n:
+        raise BadRequest(f"{len(prompts)} prompts x n={req.n} choices; at most {limits.max_n} per request", "n")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tokenizer(p)["input_ids"]
+            text = p
+        else:
+            if any(not 0 <= t < limits.vocab_size for t in p):
+                raise BadRequest(f"token ids must be in [0, {limits.vocab_size})", "prompt")
+            ids, text = list(p), tokenizer.decode(p, skip_special_tokens=True)
+        if not ids:
+            raise BadRequest("prompt is empty", "prompt")
+        if len(ids) + req.max_tokens > limits.max_context:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                             f"{limits.max_context} tokens", "prompt")
+        out.append((text, ids))
+    return out
+
+
+def engine_requests(req: CompletionRequest, prompts: list[tuple[str, list[int]]], limits: Limits) -> list[Request]:
+    """One Request per choice, in choice order: prompt-major, then n."""
+    spec = limits.speculative_default if req.speculative is None else req.speculative and limits.speculative_default
+    base = uuid.uuid4().hex
+    return [
+        Request(f"{base}-{i}-{j}", ids, max_new_tokens=req.max_tokens, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+                speculative=spec, logprobs=req.logprobs, score_prompt=req.echo and req.logprobs is not None)
+        for i, (_, ids) in enumerate(prompts)
+        for j in range(req.n)
+    ]
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] (the first token) + the rest, when scored
+
+    def prompt_texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The text each prompt token adds (the same prefix-decode rule as token_texts)."""
+        ids = self.prompt_ids
+        texts, previous = [], ""
+        for i in range(1, len(ids) + 1):
+            current = tokenizer.decode(ids[:i], skip_special_tokens=True)
+            texts.append(current[len(previous):] if current.startswith(previous) else "")
+            previous = current
+        return texts
+
+    def token_texts(self, tokenizer: PreTrainedTokenizerBase, start: int, end: int) -> list[str]:
+        """The text each of tokens[start:end] adds, from decodes with left context (so that
+        SentencePiece spaces are kept; a token inside a multi-byte character adds "")."""
+        tail = self.prompt_ids[-CONTEXT_TOKENS:]
+        ids, base = tail + self.tokens, len(tail)
+
+        def upto(n: int) -> str:
+            return tokenizer.decode(ids[: base + n], skip_special_tokens=True)
+
+        texts, previous = [], upto(start)
+        for i in range(start + 1, end + 1):
+            current = upto(i)
+            texts.append(current[len(previous):] if current.startswith(previous) else "")
+            previous = current
+        return texts
+
+    def add(self, update: Update) -> None:
+        e = update.event
+        self.text += e.text
+        self.tokens += e.token_ids
+        self.logprobs += e.logprobs or []
+        if e.prompt_logprobs is not None:
+            self.prompt_logprobs = [None, *e.prompt_logprobs]
+        self.finish_reason = e.finish_reason
+        if update.sequence is not None:
+            self.decode_steps = update.sequence.decode_steps
+            self.decode_tokens = update.sequence.decode_tokens
+
+
+class Completion:
+    """One HTTP completion request in flight."""
+
+    def __init__(self, req: CompletionRequest, model_id: str, tokenizer: PreTrainedTokenizerBase, limits: Limits,
+                 batcher: DynamicBatcher, metrics: ServiceMetrics):
+        self.req, self.model_id, self.tokenizer, self.batcher, self.metrics = req, model_id, tokenizer, batcher, metrics
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.prompts = tokenize(req, tokenizer, limits)
+        self.requests = engine_requests(req, self.prompts, limits)
+        self.choices = [ChoiceState(text, ids) for text, ids in self.prompts for _ in range(req.n)]
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+
+    def submit(self) -> Ticket | None:
+        """Queue the choices (raises QueueFull); None when there is nothing to generate."""
+        return self.batcher.submit(self.requests) if self.req.max_tokens > 0 else None
+
+    def _observe(self, update: Update) -> None:
+        now, n = time.perf_counter(), len(update.event.token_ids)
+        if n and self.first_token is None:
+            self.first_token = now
+            self.metrics.ttft.observe(now - self.start)
+        elif n and self.last_token is not None:
+            for _ in range(n):
+                self.metrics.itl.observe((now - self.last_token) / n)
+        self.last_token = now if n else self.last_token
+        self.choices[update.index].add(update)
+
+    async def updates(self, ticket: Ticket | None) -> AsyncIterator[Update]:
+        if ticket is None:
+            for c in self.choices:
+                c.finish_reason = "length"
+            return
+        try:
+            async for update in ticket.stream():
+                self._observe(update)
+                yield update
+        except EngineFailure:
+            self.metrics.failures.inc()
+            raise
+        finally:
+            self.batcher.cancel(ticket)  # a no-op once every choice has finished
+        self._finished()
+
+    def _finished(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        for c in self.choices:
+            self.metrics.success.labels(c.finish_reason).inc()
+            if c.decode_steps:
+                self.metrics.accepted.observe(c.decode_tokens / c.decode_steps)
+
+    # ---- response shapes ---------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        completion = sum(len(c.tokens) for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def run_metrics(self) -> Metrics:
+        steps = sum(c.decode_steps for c in self.choices)
+        tokens = sum(c.decode_tokens for c in self.choices)
+        ttft = None if self.first_token is None else 1e3 * (self.first_token - self.start)
+        return Metrics(decode_steps=steps, accepted_tokens_per_step=tokens / steps if steps else None, ttft_ms=ttft,
+                       total_ms=1e3 * (time.perf_counter() - self.start))
+
+    def logprobs(self, items: list[TokenLogprob | None], strings: list[str], offset: int) -> Logprobs | None:
+        """OpenAI's logprobs object for tokens whose texts are `strings`, the first at `offset`; an
+        item None (the first prompt token) has no log-prob."""
+        if self.req.logprobs is None:
+            return None
+        offsets = [offset + sum(len(s) for s in strings[:i]) for i in range(len(strings))]
+        top = [self._top(item[1]) if item is not None and self.req.logprobs else None for item in items]
+        chosen = [None if item is None else item[0] for item in items]
+        return Logprobs(tokens=strings, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
+
+    def echo_logprobs(self, c: ChoiceState) -> Logprobs | None:
+        """The prompt's part of logprobs, with echo."""
+        items = c.prompt_logprobs or [None] * len(c.prompt_ids)
+        return self.logprobs(items, c.prompt_texts(self.tokenizer), 0)
+
+    def _top(self, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+        """{token text: log p}, most likely first; tokens that decode alike keep the higher value."""
+        top: dict[str, float] = {}
+        for token, logprob in alternatives:
+            top.setdefault(self.tokenizer.decode([token]), logprob)
+        return top
+
+    def response(self) -> CompletionResponse:
+        choices = []
+        for i, c in enumerate(self.choices):
+            echo = c.prompt_text if self.req.echo else ""
+            strings = c.token_texts(self.tokenizer, 0, len(c.tokens)) if self.req.logprobs is not None else []
+            logprobs = self.logprobs(c.logprobs, strings, len(echo))
+            if logprobs is not None and self.req.echo:
+                head = self.echo_logprobs(c)
+                logprobs = Logprobs(**{k: getattr(head, k) + getattr(logprobs, k) for k in Logprobs.model_fields})
+            choices.append(Choice(index=i, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model_id, choices=choices,
+                                  usage=self.usage(), metrics=self.run_metrics())
+
+    def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: Logprobs | None = None) -> str:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
+                             "finish_reason": finish_reason}]}
+        if self.req.include_usage:
+            body["usage"] = None
+        return json.dumps(body)
+
+    async def sse(self, ticket: Ticket | None) -> AsyncIterator[dict]:
+        """SSE events: echo chunks, a chunk per update with text or an end, usage, then [DONE]."""
+        emitted = [len(c.prompt_text) if self.req.echo else 0 for c in self.choices]  # characters sent per choice
+        scored = self.req.echo and self.req.logprobs is not None and ticket is not None
+        try:
+            if self.req.echo and not scored:
+                for i, c in enumerate(self.choices):
+                    yield {"data": self.chunk(i, c.prompt_text, None)}
+            async for u in self.updates(ticket):
+                e, c = u.event, self.choices[u.index]
+                if e.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk once it is scored
+                    yield {"data": self.chunk(u.index, c.prompt_text, None, self.echo_logprobs(c))}
+                if e.text or e.finish_reason or e.token_ids:
+                    lp = None
+                    if self.req.logprobs is not None:
+                        strings = c.token_texts(self.tokenizer, len(c.tokens) - len(e.token_ids), len(c.tokens))
+                        lp = self.logprobs(e.logprobs or [], strings, emitted[u.index])
+                    emitted[u.index] += len(e.text)
+                    yield {"data": self.chunk(u.index, e.text, e.finish_reason, lp)}
+            if ticket is None:
+                for i in range(len(self.choices)):
+                    yield {"data": self.chunk(i, "", "length")}
+        except EngineFailure as e:
+            yield {"data": json.dumps(error_body(500, str(e)))}
+            yield {"data": "[DONE]"}
+            return
+        except Exception:  # the stream has started: the error goes in-band
+            log.exception("streaming failed")
+            yield {"data": json.dumps(error_body(500, "internal server error"))}
+            yield {"data": "[DONE]"}
+            return
+        finally:
+            if ticket is not None:
+                self.batcher.cancel(ticket)  # a disconnect ends the stream here; a no-op once all finished
+        if self.req.include_usage:
+            usage = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                     "choices": [], "usage": self.usage().model_dump(), "metrics": self.run_metrics().model_dump()}
+            yield {"data": json.dumps(usage)}
+        yield {"data": "[DONE]"}

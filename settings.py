@@ -1,0 +1,68 @@
+"""Every setting of the service, in one pydantic-settings class: environment variables (no prefix:
+MODEL_NAME, PORT, ...) and command-line flags (--model-name, --port, ...); flags win over env.
+Built once at start-up and passed to the app factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "pycoder-4m"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore")
+
+    # what is served
+    model_name: str = Field(str(BUNDLED_MODEL), description="Hub id or local folder of the base model")
+    medusa_heads: str = Field(str(BUNDLED_MODEL / "medusa"), description="Hub id or folder of the heads; empty: none")
+    medusa_choices: str = Field("", description="tree preset or JSON file; empty: the heads' own tree, else mc_sim_7b_63")
+    served_model_name: str = Field("", description="the `model` name clients use; empty: the model folder's name")
+    revision: str | None = None
+
+    # how it runs
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference")
+    tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree")
+
+    # batching and limits
+    max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one step")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long an idle engine gathers arrivals before a step")
+    queue_size: int = Field(64, ge=0, description="requests waiting for a slot; beyond it: 429")
+    max_context: int | None = Field(None, ge=2, description="prompt + completion tokens; default: the model's")
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1, description="largest n (choices per prompt) times prompts per request")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+
+    # where it listens
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    def heads(self) -> str | None:
+        return self.medusa_heads or None
+
+    def model_id(self) -> str:
+        return self.served_model_name or Path(self.model_name.rstrip("/")).name
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.resolved_device() == "cpu" else "float16"
+
+
+def settings_from_command_line(argv: list[str] | None = None) -> Settings:
+    """Flags (kebab-case, e.g. --max-batch-size 16, --no-deepspeed) over env vars over defaults."""
+    return Settings(_cli_parse_args=argv if argv is not None else True, _cli_kebab_case=True,
+                    _cli_implicit_flags=True, _cli_prog_name="app.py")
