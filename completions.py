@@ -78,6 +78,17 @@ def engine_requests(req: CompletionRequest, prompts: list[tuple[str, list[int]]]
     ]
 
 
+def piece_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int], start: int, end: int) -> list[str]:
+    """The text each of ids[start:end] adds to the decode of the ids before it (a token inside a
+    multi-byte character adds "")."""
+    texts, previous = [], tokenizer.decode(ids[:start], skip_special_tokens=True)
+    for i in range(start + 1, end + 1):
+        current = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        texts.append(current[len(previous):] if current.startswith(previous) else "")
+        previous = current
+    return texts
+
+
 @dataclass
 class ChoiceState:
     """What one choice has produced so far."""
@@ -93,30 +104,14 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] (the first token) + the rest, when scored
 
     def prompt_texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """The text each prompt token adds (the same prefix-decode rule as token_texts)."""
-        ids = self.prompt_ids
-        texts, previous = [], ""
-        for i in range(1, len(ids) + 1):
-            current = tokenizer.decode(ids[:i], skip_special_tokens=True)
-            texts.append(current[len(previous):] if current.startswith(previous) else "")
-            previous = current
-        return texts
+        """The text each prompt token adds."""
+        return piece_texts(tokenizer, self.prompt_ids, 0, len(self.prompt_ids))
 
     def token_texts(self, tokenizer: PreTrainedTokenizerBase, start: int, end: int) -> list[str]:
-        """The text each of tokens[start:end] adds, from decodes with left context (so that
-        SentencePiece spaces are kept; a token inside a multi-byte character adds "")."""
+        """The text each of tokens[start:end] adds, decoded after the prompt's last tokens (so that
+        SentencePiece spaces are kept)."""
         tail = self.prompt_ids[-CONTEXT_TOKENS:]
-        ids, base = tail + self.tokens, len(tail)
-
-        def upto(n: int) -> str:
-            return tokenizer.decode(ids[: base + n], skip_special_tokens=True)
-
-        texts, previous = [], upto(start)
-        for i in range(start + 1, end + 1):
-            current = upto(i)
-            texts.append(current[len(previous):] if current.startswith(previous) else "")
-            previous = current
-        return texts
+        return piece_texts(tokenizer, tail + self.tokens, len(tail) + start, len(tail) + end)
 
     def add(self, update: Update) -> None:
         e = update.event
