@@ -2,10 +2,14 @@
 
 1. the decode step's time by tokens verified per sequence (tree size) and batch size;
 2. greedy tokens/s at batch 1 of standard decoding, speculative decoding and Hugging Face
-   `generate()` on the same model and prompts (and whether the outputs are identical).
+   `generate()` on the same model and prompts (and whether the outputs are identical);
+3. seeded sampling at batch 1 (--temperature): standard, exact and typical speculative acceptance,
+   and the share of sequences in which exact speculation emits exactly the standard tokens.
 
     python bench_engine.py                                   # the toy model, built in-process
     python bench_engine.py --model DIR --heads DIR --tree tree15
+    python bench_engine.py --model models/pycoder-4m --heads models/pycoder-4m/medusa \
+        --tree models/pycoder-4m/medusa/medusa_choices.json --temperature 0.7
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from engine import Engine
 from load_medusa_from_hf import load_medusa_model
 from medusa_model import MedusaModel, wrap_with_deepspeed
+from sampling import GREEDY, SamplingParams
 from sequence import Request
 from toy_model import build_toy, stdlib_texts
 from tree import Tree, load_tree, preset
@@ -58,13 +64,39 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: in
     return time.perf_counter() - start, out
 
 
-def engine_generate(model, tokenizer, tree, prompts, max_new_tokens):
-    """Batch 1, one request after the other; returns (seconds, sequences)."""
+def engine_generate(model, tokenizer, tree, prompts, max_new_tokens, sampling=GREEDY):
+    """Batch 1, one request after the other (request i seeded with i when sampling); returns
+    (seconds, sequences)."""
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=1, eos_token_ids=[])
     start, results = time.perf_counter(), []
     for i, p in enumerate(prompts):
-        results += engine.generate([Request(str(i), p, max_new_tokens=max_new_tokens)])
+        params = sampling if sampling.greedy else replace(sampling, seed=i)
+        results += engine.generate([Request(str(i), p, max_new_tokens=max_new_tokens, sampling=params)])
     return time.perf_counter() - start, results
+
+
+def sampling_table(model, tokenizer, tree: Tree, prompts, max_new_tokens: int, temperature: float, repeats: int):
+    modes = {
+        "standard": (preset("root"), SamplingParams(temperature)),
+        f"exact {tree.name}": (tree, SamplingParams(temperature)),
+        f"typical {tree.name}": (tree, SamplingParams(temperature, acceptance="typical")),
+    }
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeats):  # modes alternate within each repeat
+        for mode, (tr, params) in modes.items():
+            seconds, seqs = engine_generate(model, tokenizer, tr, prompts, max_new_tokens, params)
+            runs[mode].append((len(prompts) * max_new_tokens / seconds, seqs))
+    standard = runs["standard"]
+    print(f"\nsampling, temperature {temperature}, batch 1, {len(prompts)} prompts x {max_new_tokens} new tokens "
+          f"(prompt i seeded with i), median of {repeats} repeats")
+    print(f"{'':>24} {'tokens/s':>9} {'vs standard':>12} {'tokens/step':>12} {'== standard':>12}")
+    for mode, results in runs.items():
+        seqs = results[-1][1]
+        rate = statistics.median(r for r, _ in results)
+        ratio = statistics.median(r / s for (r, _), (s, _) in zip(results, standard))
+        per_step = sum(s.decode_tokens for s in seqs) / sum(s.decode_steps for s in seqs)
+        same = sum(a.tokens == b.tokens for a, b in zip(seqs, standard[-1][1]))
+        print(f"{mode:>24} {rate:>9.1f} {ratio:>12.2f} {per_step:>12.2f} {f'{same}/{len(seqs)}':>12}")
 
 
 def main() -> None:
@@ -78,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per cell of the step table")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the tokens/s comparison")
     parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--temperature", type=float, help="also compare seeded sampling at this temperature")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -105,7 +138,7 @@ def main() -> None:
         print(f"{tokens:>6} {name:>13} {ms[1]:>8.2f} {ms[8]:>8.2f} {ms[1] / base[1]:>15.2f} {ms[8] / base[8]:>15.2f}")
 
     new, total = args.max_new_tokens, len(prompts) * args.max_new_tokens
-    runs = {"HF generate()": [], "standard (engine)": [], f"speculative {args.tree}": []}
+    runs = {"HF generate()": [], "standard (engine)": [], f"speculative {load_tree(args.tree).name}": []}
     for _ in range(args.repeats):  # modes alternate within each repeat, so drift hits all of them
         hf_s, hf_out = hf_generate(model.model, prompts, new, tokenizer.pad_token_id or 0)
         std_s, std = engine_generate(model, tokenizer, preset("root"), prompts, new)
@@ -122,6 +155,8 @@ def main() -> None:
     same = all(a.tokens == b.tokens for a, b in zip(spec, std))
     same_hf = all(a.tokens == b for a, b in zip(std, hf_out))
     print(f"speculative == standard: {same}; standard == HF generate(): {same_hf}")
+    if args.temperature:
+        sampling_table(model, tokenizer, load_tree(args.tree), prompts, new, args.temperature, args.repeats)
 
 
 if __name__ == "__main__":

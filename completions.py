@@ -16,7 +16,7 @@ from batch_processor import DynamicBatcher, EngineFailure, Ticket, Update
 from detokenizer import CONTEXT_TOKENS
 from metrics import ServiceMetrics
 from protocol import Choice, CompletionRequest, CompletionResponse, Logprobs, Metrics, Usage, error_body
-from sampling import TokenLogprob
+from sampling import SamplingParams, TokenLogprob, derive_seed
 from sequence import Request
 
 
@@ -40,9 +40,6 @@ class Limits:
 
 def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits) -> list[tuple[str, list[int]]]:
     """(prompt text, prompt ids) per prompt, checked against the model's limits."""
-    if req.temperature > 0:
-        raise BadRequest("sampling (temperature > 0) is not available yet: send temperature 0 for greedy decoding",
-                         "temperature")
     if req.max_tokens > limits.max_tokens:
         raise BadRequest(f"max_tokens is {req.max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
     prompts = req.prompts()
@@ -72,10 +69,24 @@ def engine_requests(req: CompletionRequest, prompts: list[tuple[str, list[int]]]
     base = uuid.uuid4().hex
     return [
         Request(f"{base}-{i}-{j}", ids, max_new_tokens=req.max_tokens, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
-                speculative=spec, logprobs=req.logprobs, score_prompt=req.echo and req.logprobs is not None)
+                speculative=spec, logprobs=req.logprobs, score_prompt=req.echo and req.logprobs is not None,
+                sampling=sampling_params(req, j))
         for i, (_, ids) in enumerate(prompts)
         for j in range(req.n)
     ]
+
+
+def sampling_params(req: CompletionRequest, choice: int) -> SamplingParams:
+    """Choice j of a seeded request gets its own seed, the same for every prompt of the request."""
+    return SamplingParams(
+        temperature=req.temperature,
+        top_k=req.top_k or 0,
+        top_p=req.top_p,
+        seed=None if req.seed is None else derive_seed(req.seed, choice),
+        acceptance=req.acceptance,
+        typical_epsilon=req.typical_epsilon,
+        typical_delta=req.typical_delta,
+    )
 
 
 def piece_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int], start: int, end: int) -> list[str]:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from detokenizer import TextStream
 from kv_cache import KVCache
 from medusa_model import MedusaModel
-from sampling import Accepted, TokenLogprob, greedy_accept, token_logprobs
+from sampling import Accepted, Sampled, TokenLogprob, Uniforms, accept, token_logprobs
 from sequence import Event, Request, Sequence
 from tree import ROOT, StepTrees, Tree, stack_trees
 
@@ -90,7 +90,9 @@ class Engine:
         start, dev = len(batch.seqs), self.model.device
         rows = slice(start, start + len(requests))
         for r in requests:
-            batch.seqs.append(Sequence(r, TextStream(self.tokenizer, r.prompt_ids, r.stop), self.eos_token_ids))
+            uniforms = None if r.sampling.greedy else Uniforms(r.sampling.seed)
+            text = TextStream(self.tokenizer, r.prompt_ids, r.stop)
+            batch.seqs.append(Sequence(r, text, self.eos_token_ids, uniforms=uniforms))
             batch.trees.append(self.tree if r.speculative else ROOT)
         lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
         t = int(lens.max())
@@ -106,7 +108,7 @@ class Engine:
         logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), keep)
         at = last[:, None] if score else torch.zeros_like(last)[:, None]  # [B, 1]: where the next-token logits are
         b_index = torch.arange(len(requests), device=dev)
-        first = logits[b_index, at[:, 0]].argmax(-1)  # [B]
+        first = self._first_tokens(batch.seqs[rows], logits[b_index, at[:, 0]])  # [B]
         batch.lengths[rows] = lens
         self._set_next(batch, rows, first, hidden[b_index, last])
         logprobs = self._logprobs(batch.seqs[rows], logits, at, first[:, None], [1] * len(lens))
@@ -125,7 +127,7 @@ class Engine:
         trees = stack_trees(tuple(batch.trees), self.model.device)
         tokens = self._propose(batch, rows, trees)
         logits, hidden = self._verify(batch, rows, tokens, trees)
-        accepted = greedy_accept(tokens, logits, trees.retrieve)
+        accepted = self._accept(batch.seqs, tokens, logits, trees)
         return self._commit(batch, rows, accepted, logits, hidden)
 
     def filter(self, batch: Batch) -> list[Sequence]:
@@ -158,6 +160,24 @@ class Engine:
 
     def _verify(self, batch: Batch, rows: slice, tokens: torch.Tensor, trees: StepTrees):
         return self._forward(batch, rows, tokens, batch.lengths[rows], trees.mask, trees.depths)
+
+    def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The token after each prompt, from the logits [B, V] at its last position: a root-only step."""
+        roots = torch.zeros(len(seqs), 1, dtype=torch.long, device=logits.device)  # unused by a root-only accept
+        return self._accept(seqs, roots, logits[:, None], stack_trees((ROOT,) * len(seqs), logits.device)).tokens[:, 0]
+
+    def _accept(self, seqs: list[Sequence], tokens: torch.Tensor, logits: torch.Tensor, trees: StepTrees
+                ) -> Accepted:
+        """The path each sequence keeps and its bonus token; sampling sequences use up their draws."""
+        params = [seq.request.sampling for seq in seqs]
+        uniforms = [seq.uniforms for seq in seqs]
+        sampled = Sampled.of(params, uniforms, trees.retrieve.shape[-1], logits.shape[-1], logits.device)
+        accepted = accept(tokens, logits, trees.depths, trees.retrieve, sampled)
+        if sampled is not None:
+            for p, u, count in zip(params, uniforms, accepted.count.tolist()):
+                if u is not None:
+                    u.advance(p.draws(count))
+        return accepted
 
     def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor
                 ) -> list[Event]:

@@ -29,14 +29,15 @@ class CompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="same seed and parameters: same output")
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     # extensions
     speculative: bool | None = Field(None, description="Medusa speculation; default: on when heads are loaded")
-    acceptance: Literal["exact", "typical"] = "exact"
+    acceptance: Literal["exact", "typical"] = Field(
+        "exact", description="exact: distribution-preserving; typical: Medusa's, faster, NOT distribution-preserving")
     typical_epsilon: float = Field(0.09, gt=0.0, le=1.0)
     typical_delta: float = Field(0.3, gt=0.0, le=1.0)
     ignore_eos: bool = False

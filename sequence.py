@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from detokenizer import TextStream
-from sampling import TokenLogprob
+from sampling import GREEDY, SamplingParams, TokenLogprob, Uniforms
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class Request:
     speculative: bool = True  # False: standard decoding (the root-only tree)
     logprobs: int | None = None  # report each token's log-prob and this many top alternatives
     score_prompt: bool = False  # also the prompt tokens' log-probs (OpenAI's echo with logprobs)
+    sampling: SamplingParams = GREEDY
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Sequence:
     decode_steps: int = 0
     decode_tokens: int = 0  # emitted by decode steps (the first token, from prefill, excluded)
     finish_reason: str | None = None
+    uniforms: Uniforms | None = None  # the request's random numbers, when it samples
 
     @property
     def done(self) -> bool:

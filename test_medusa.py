@@ -280,6 +280,27 @@ def test_a_client_that_gives_up_on_a_json_request_frees_its_slot(http, base_url)
     assert generated_tokens(http) - before < room
 
 
+def test_seeded_sampling_is_reproducible_with_and_without_speculation(http):
+    body = {"prompt": PROMPTS[2], "max_tokens": 32, "temperature": 0.8, "top_p": 0.95, "seed": 1234,
+            "ignore_eos": True}
+
+    def text(**changes) -> str:
+        return http.post("/v1/completions", json={**body, **changes}).json()["choices"][0]["text"]
+
+    first = text(speculative=True)
+    assert text(speculative=True) == first
+    assert text(speculative=False) == first
+    chunks, _ = stream(http, body)
+    assert streamed_text(chunks) == first
+    assert text(seed=99) != first
+    two = http.post("/v1/completions", json={**body, "n": 2}).json()["choices"]
+    assert two[0]["text"] == first and two[1]["text"] != first
+    typical = http.post("/v1/completions", json={**body, "acceptance": "typical"}).json()
+    assert typical["usage"]["completion_tokens"] == 32 and typical["metrics"]["accepted_tokens_per_step"] >= 1.0
+    unseeded = {text(seed=None, temperature=1.0, top_p=1.0) for _ in range(3)}
+    assert len(unseeded) > 1
+
+
 # ---- errors ------------------------------------------------------------------------------------------
 
 
@@ -288,7 +309,9 @@ def test_one_error_per_status_and_the_server_keeps_serving(http):
     assert_error(http.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"}), 400)
     assert_error(http.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}), 400)
     assert assert_error(http.post("/v1/completions", json={"prompt": "x" * 5000, "max_tokens": 8}), 400)["param"] == "prompt"
-    assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": 0.7}), 400)
+    assert assert_error(http.post("/v1/completions", json={"prompt": "x", "top_p": 0}), 400)["param"] == "top_p"
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": 2.5}), 400)
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "acceptance": "loose"}), 400)
     assert_error(http.post("/v1/completions", json={"prompt": [10**6]}), 400)
     assert assert_error(http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404)["param"] == "model"
     assert_error(http.get("/v1/nothing"), 404)

@@ -7,6 +7,8 @@ import functools
 import pytest
 import torch
 
+from load_medusa_from_hf import heads_tree, load_medusa_model
+from settings import BUNDLED_MODEL
 from toy_model import build_toy, stdlib_texts
 
 
@@ -46,3 +48,14 @@ def hf_greedy(toy):
         return out[: out.index(eos)] if eos in out else out
 
     return lambda prompt, max_new_tokens, eos=tokenizer.eos_token_id: run(tuple(prompt), max_new_tokens, eos)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """(MedusaModel, tokenizer): the bundled model with its heads, fp32, without DeepSpeed."""
+    return load_medusa_model(str(BUNDLED_MODEL), str(BUNDLED_MODEL / "medusa"))
+
+
+@pytest.fixture(scope="session")
+def bundled_tree():
+    return heads_tree(str(BUNDLED_MODEL / "medusa"))

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from engine import Engine
-from load_medusa_from_hf import heads_tree, inspect_heads, load_medusa_model, resolve_folder
+from load_medusa_from_hf import heads_tree, inspect_heads, resolve_folder
 from sequence import Request
 from settings import BUNDLED_MODEL
 from tree import ROOT
@@ -21,11 +20,6 @@ GOLDEN_TEXT = (  # the engine's greedy answer, 48 tokens, recorded once when the
     '\n    """\n    This function is a read-only config file with the given path.\n    """\n    path = path.split(".")[0]'
     '\n    if path.endswith("."):\n        return path\n    return path\n\n\ndef'
 )
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    return load_medusa_model(str(BUNDLED_MODEL), str(HEADS))
 
 
 def test_files_fit_the_repository_limits():
