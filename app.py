@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from slowapi.errors import RateLimitExceeded
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -26,10 +28,12 @@ from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from metrics import ServiceMetrics
 from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
+from security import key_guard, make_limiter
 from settings import Settings, settings_from_command_line
 from tree import ROOT, Tree, load_tree, preset
 
 log = logging.getLogger("medusa")
+STATIC = Path(__file__).with_name("static")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503)}
 FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports per union branch
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
@@ -120,6 +124,16 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
 
     app = FastAPI(title="Medusa completions", lifespan=lifespan, responses=ERRORS)
     app.state.settings, app.state.metrics, app.state.serving = settings, metrics, state
+    app.state.limiter = make_limiter(settings)
+    add_error_handlers(app)
+    add_routes(app, settings, state, metrics)
+    add_demo_page(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in the OpenAI shape; no stack trace ever reaches a client."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -137,11 +151,20 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
         messages = {404: "no such route", 405: "method not allowed"}
         return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
 
+    @app.exception_handler(RateLimitExceeded)
+    async def rate_limited(request: Request, exc: RateLimitExceeded):
+        response = error(429, f"rate limit exceeded: {exc.detail}; retry after the time in Retry-After")
+        return request.app.state.limiter._inject_headers(response, request.state.view_rate_limit)  # X-RateLimit-*
 
     @app.exception_handler(Exception)
     async def unexpected(_, exc: Exception):
         log.exception("unhandled error")
         return error(500, "internal server error")
+
+
+def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMetrics) -> None:
+    """/health and /metrics are open; with API keys, /v1/* and /info need one."""
+    keyed = [Depends(key_guard(settings))]
 
     def ready():
         if state["served"] is None:
@@ -155,11 +178,11 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
         _, not_ready = ready()
         return not_ready or {"status": "ok"}
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed)
     async def models():
         return ModelList(data=[ModelCard(id=settings.model_id(), created=int(time.time()))])
 
-    @app.get("/info", responses=ERRORS)
+    @app.get("/info", responses=ERRORS, dependencies=keyed)
     async def info():
         served, not_ready = ready()
         if not_ready:
@@ -173,25 +196,25 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
             "queue_size": settings.queue_size, "max_context": engine.max_context,
             "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,
             "waiting": batcher.waiting, "steps_by_batch_size": dict(sorted(batcher.batch_sizes.items())),
+            "rate_limit": settings.rate_limit or None, "api_keys": bool(settings.keys()),
         }
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(req: CompletionRequest, http: Request):
+    async def completions(body: CompletionRequest, request: Request, response: Response):
         served, not_ready = ready()
         if not_ready:
             return not_ready
-        if req.model is not None and req.model != settings.model_id():
-            return error(404, f"model {req.model!r} is not served here; this server serves {settings.model_id()!r}",
+        if body.model is not None and body.model != settings.model_id():
+            return error(404, f"model {body.model!r} is not served here; this server serves {settings.model_id()!r}",
                          "model")
         engine = served.engine
         limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n,
                         engine.model.config.vocab_size, engine.model.num_heads > 0 and served.tree.num_nodes > 1)
         try:
-            completion = Completion(req, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics)
+            completion = Completion(body, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics)
             if len(completion.requests) > settings.queue_size + settings.max_batch_size:
                 raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
             ticket = completion.submit()
@@ -201,24 +224,30 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
             return error(429, str(e), headers={"Retry-After": str(int(e.retry_after))})
         except EngineFailure as e:
             return error(503, str(e))
-        if req.stream:
+        if body.stream:
             cancel = BackgroundTask(state["batcher"].cancel, ticket) if ticket else None  # also if never started
             return EventSourceResponse(completion.sse(ticket), sep="\n", ping=15, background=cancel)
         try:
-            await until_done_or_disconnected(completion.updates(ticket), http)
+            await until_done_or_disconnected(completion.updates(ticket), request)
         except EngineFailure as e:
             return error(500, str(e))
         return completion.response()
 
-    page = Path(__file__).with_name("static") / "index.html"
-    if page.exists():  # the demo page; a mount at "/" would shadow the API's 404s and 405s
+    if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
+        completions = app.state.limiter.limit(settings.rate_limit)(completions)
+    app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, dependencies=keyed)(completions)
 
-        @app.get("/", include_in_schema=False)
-        async def demo():
-            return FileResponse(page)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    return app
+def add_demo_page(app: FastAPI) -> None:
+    """The page at / and its files under /static (a mount at "/" would shadow the API's 404s and 405s)."""
+    page = STATIC / "index.html"
+    if not page.exists():
+        return
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def demo():
+        return FileResponse(page)
 
 
 async def until_done_or_disconnected(updates, http: Request, poll_s: float = 0.25) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from limits import parse_many
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "pycoder-4m"
@@ -38,10 +39,26 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt) times prompts per request")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
 
+    # who may call it, and how often
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated Bearer keys; empty: no key needed")
+    rate_limit: str = Field("", description='per API key (or client address without keys), e.g. "60/minute;1000/hour"; '
+                                            "empty: off")
+    rate_limit_storage: str = Field("memory://", description="memory://, or redis://host:port shared by replicas")
+
     # where it listens
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        if value:
+            parse_many(value)  # raises ValueError naming what it could not read
+        return value
+
+    def keys(self) -> list[bytes]:
+        return [k.strip().encode() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
     def heads(self) -> str | None:
         return self.medusa_heads or None

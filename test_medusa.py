@@ -4,7 +4,6 @@ the OpenAI SDK as clients) serving the default model, plus apps built with speci
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -13,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,46 +21,6 @@ from settings import Settings
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
            "for i in range(10):\n    print("]
-
-
-def wait_ready(get, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while get("/health").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="session")
-def settings():
-    return Settings(device="cpu", max_batch_size=16, max_wait_ms=20, queue_size=64)  # fp32: exact references
-
-
-@contextlib.contextmanager
-def live_server(settings: Settings):
-    """The app under uvicorn on a free port; yields its base URL once the model is loaded."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    with httpx.Client(base_url=url) as c:
-        wait_ready(c.get)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def base_url(settings):
-    with live_server(settings) as url:
-        yield url
-
-
-@pytest.fixture(scope="session")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="session")
@@ -348,7 +306,7 @@ def wait_for(condition, timeout=30.0):
         time.sleep(0.01)
 
 
-def test_a_full_queue_answers_429_with_retry_after(settings):
+def test_a_full_queue_answers_429_with_retry_after(settings, wait_ready):
     tight = settings.model_copy(update={"max_batch_size": 1, "queue_size": 1})
     GatedEngine.gate.clear()
     with TestClient(create_app(tight, loader=gated_loader)) as c, ThreadPoolExecutor(2) as pool:
@@ -368,7 +326,7 @@ def test_a_full_queue_answers_429_with_retry_after(settings):
         assert c.post("/v1/completions", json=body).status_code == 200
 
 
-def test_503_until_the_model_is_loaded(settings):
+def test_503_until_the_model_is_loaded(settings, wait_ready):
     release = threading.Event()
 
     def slow_loader(s: Settings) -> Served:
@@ -386,7 +344,7 @@ def test_503_until_the_model_is_loaded(settings):
 # ---- a Vicuna-layout model: SentencePiece-style tokenizer, FasterDecoding heads --------------------
 
 
-def test_vicuna_layout_served_through_env(tmp_path, monkeypatch):
+def test_vicuna_layout_served_through_env(tmp_path, monkeypatch, wait_ready):
     from tests.vicuna_layout import TEXT, write_vicuna_layout
 
     model_dir, heads_dir = write_vicuna_layout(tmp_path)

@@ -1,0 +1,36 @@
+# The service on a CUDA host. Not built in CI (no GPU, no registry); see the README.
+#   docker build -t medusa-serve .
+#   docker run --gpus all -p 8000:8000 -e MODEL_NAME=lmsys/vicuna-7b-v1.3 \
+#     -e MEDUSA_HEADS=FasterDecoding/medusa-vicuna-7b-v1.3 -v hf-cache:/home/medusa/.cache/huggingface medusa-serve
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 10001 medusa
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY app.py batch_processor.py completions.py detokenizer.py engine.py kv_cache.py load_medusa_from_hf.py \
+     medusa_model.py metrics.py protocol.py sampling.py security.py sequence.py settings.py tree.py ./
+COPY medusa_trees.json ./
+COPY static/ static/
+COPY models/ models/
+
+USER 10001
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    HF_HOME=/home/medusa/.cache/huggingface
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+CMD ["python", "app.py"]
