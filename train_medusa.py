@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face folder or Hub id of the base model")
     parser.add_argument("--out", type=Path, required=True, help="folder for the heads (FasterDecoding layout)")
     parser.add_argument("--data", nargs="+", help="text files or folders")
-    parser.add_argument("--python-sources", action="store_true",
-                        help="train on the installed Python sources, split as the bundled model's corpus")
+    parser.add_argument("--python-sources", nargs="?", const="installed", metavar="FOLDER",
+                        help="train on the installed Python sources (or a packed corpus unpacked in FOLDER), "
+                             "split as the bundled model's corpus")
     parser.add_argument("--held-out-percent", type=float, default=2.0)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=1, help="residual blocks per head")
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if bool(args.data) == args.python_sources:
+    if bool(args.data) == bool(args.python_sources):
         parser.error("give exactly one of --data and --python-sources")
 
     start = time.perf_counter()
@@ -219,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     if args.python_sources:
-        from scripts.corpus import collect, split
+        from scripts.corpus import collect, source_roots, split
 
-        train_docs, held_docs = ([f.text for f in part] for part in split(collect()))
+        folder = None if args.python_sources == "installed" else Path(args.python_sources)
+        train_docs, held_docs = ([f.text for f in part] for part in split(collect(source_roots(folder))))
     else:
         train_docs, held_docs = read_documents(args.data, args.held_out_percent)
     cfg = base.config

@@ -4,7 +4,12 @@
 
 Stages cache their output under --work (tokenizer, token arrays, checkpoints), so an interrupted run
 resumes where it stopped. Heads are trained afterwards with train_medusa.py and the tree chosen with
-scripts/tune_tree.py.
+scripts/tune_tree.py. Every field of Shape and Schedule is a flag (--hidden-size 384, --batch 64);
+on a GPU machine, with this machine's corpus packed by scripts/corpus.py:
+
+    python -m scripts.build_model --sources /tmp/corpus --device cuda --vocab-size 8192 --hidden-size 384 \
+        --intermediate-size 1024 --layers 6 --heads 6 --kv-heads 6 --batch 64 --minutes 5 \
+        --save-dtype bfloat16 --work /tmp/work --out /tmp/model
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from scripts.corpus import HELD_OUT_PERCENT, collect, encode, split
+from scripts.corpus import HELD_OUT_PERCENT, collect, encode, source_roots, split
 from toy_model import train_tokenizer
 
 TOKENIZER_SAMPLE_EVERY = 4  # the tokenizer learns its merges from every 4th training file
@@ -71,11 +76,14 @@ class Schedule:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def prepare_data(work: Path, vocab_size: int) -> dict:
-    """Tokenizer and the two token arrays, built once into `work`."""
+def prepare_data(work: Path, vocab_size: int, sources: Path | None = None, max_files: int | None = None) -> dict:
+    """Tokenizer and the two token arrays, built once into `work` (from the first `max_files` training
+    files and a few held-out ones only, for a smoke run)."""
     if (work / "corpus.json").exists():
         return json.loads((work / "corpus.json").read_text())
-    train, held_out = split(collect())
+    train, held_out = split(collect(source_roots(sources)))
+    if max_files:
+        train, held_out = train[:max_files], held_out[: max(1, max_files // 10)]
     tokenizer = train_tokenizer([f.text for f in train[::TOKENIZER_SAMPLE_EVERY]], vocab_size)
     tokenizer.save_pretrained(work / "tokenizer")
     np.save(work / "train.npy", encode(tokenizer, train))
@@ -100,41 +108,44 @@ def held_out_loss(model: LlamaForCausalLM, data: np.ndarray, seq_len: int, count
     """Mean next-token loss (nats) over `count` evenly spaced held-out windows, in fp32."""
     model.eval()
     starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
-    losses = [model(x[None], labels=x[None]).loss.item() for x in windows(data, starts, seq_len)]
+    device = next(model.parameters()).device
+    losses = [model(x[None], labels=x[None]).loss.item() for x in windows(data, starts, seq_len).to(device)]
     model.train()
     return float(np.mean(losses))
 
 
-def train(work: Path, shape: Shape, sched: Schedule, steps: int | None, minutes: float) -> tuple[LlamaForCausalLM, dict]:
+def train(work: Path, shape: Shape, sched: Schedule, steps: int | None, minutes: float, device: torch.device,
+          compile_model: bool = True) -> tuple[LlamaForCausalLM, dict]:
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
     train_ids, held_ids = np.load(work / "train.npy"), np.load(work / "held_out.npy")
     torch.manual_seed(sched.seed)
-    model = LlamaForCausalLM(shape.config(tokenizer))
+    model = LlamaForCausalLM(shape.config(tokenizer)).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": sched.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=sched.lr, betas=(0.9, 0.95), fused=False,
+        lr=sched.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
     ckpt, log_path, start, elapsed, log = work / "checkpoint.pt", work / "train_log.jsonl", 0, 0.0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start, elapsed, steps = state["step"], state["elapsed"], state["steps"]
+        start, elapsed = state["step"], state["elapsed"]
+        steps = state["steps"] if steps is None else steps  # a larger --steps extends the run
         log = [json.loads(line) for line in log_path.read_text().splitlines()]
     rng = np.random.default_rng(sched.seed)
     rng.integers(0, len(train_ids) - sched.seq_len, (start, sched.batch))  # replay the draws already used
     model.train()
-    forward = torch.compile(model)  # about 1.35x faster training steps on CPU after a ~40 s compile
+    forward = torch.compile(model) if compile_model else model  # about 1.35x faster on CPU after a ~40 s compile
     bar = tqdm(total=steps, initial=start, desc="pretrain")
     step = start
     while steps is None or step < steps:
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = sched.lr_at(step, steps or 10**9)
-        x = windows(train_ids, rng.integers(0, len(train_ids) - sched.seq_len, sched.batch), sched.seq_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = windows(train_ids, rng.integers(0, len(train_ids) - sched.seq_len, sched.batch), sched.seq_len).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = forward(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,7 +170,7 @@ def train(work: Path, shape: Shape, sched: Schedule, steps: int | None, minutes:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                         "steps": steps}, ckpt)
     bar.close()
-    return model.eval(), {"steps": steps, "tokens_seen": steps * sched.batch * sched.seq_len,
+    return model.float().cpu().eval(), {"steps": steps, "tokens_seen": steps * sched.batch * sched.seq_len,
                           "train_seconds": round(elapsed), "log": log}
 
 
@@ -169,22 +180,33 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts/build_model"))
     parser.add_argument("--steps", type=int, help="optimiser steps (default: as many as fit in --minutes)")
     parser.add_argument("--minutes", type=float, default=90.0)
+    parser.add_argument("--sources", type=Path, help="a corpus packed by scripts/corpus.py, unpacked (default: "
+                                                    "this Python's own sources)")
+    parser.add_argument("--max-files", type=int, help="use only the first files of the corpus (smoke runs)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    for cls in (Shape, Schedule):
+        for f in fields(cls):
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = parser.parse_args()
+    shape, sched = (cls(**{f.name: getattr(args, f.name) for f in fields(cls)}) for cls in (Shape, Schedule))
     args.work.mkdir(parents=True, exist_ok=True)
-    shape, sched = Shape(), Schedule()
-    corpus = prepare_data(args.work, shape.vocab_size)
-    model, run = train(args.work, shape, sched, args.steps, args.minutes)
+    corpus = prepare_data(args.work, shape.vocab_size, args.sources, args.max_files)
+    model, run = train(args.work, shape, sched, args.steps, args.minutes, torch.device(args.device), args.compile)
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, max_shard_size="10MB")
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(args.out, max_shard_size="10MB")
     AutoTokenizer.from_pretrained(args.work / "tokenizer").save_pretrained(args.out)
     report = {"shape": asdict(shape), "schedule": asdict(sched), "corpus": corpus, **run,
-              "held_out_loss": run["log"][-1]["held_out_loss"], "hardware": _hardware()}
+              "held_out_loss": run["log"][-1]["held_out_loss"], "hardware": _hardware(args.device)}
     (args.out / "training.json").write_text(json.dumps(report, indent=1))
 
 
-def _hardware() -> str:
+def _hardware(device: str) -> str:
     import platform
 
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

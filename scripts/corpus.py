@@ -1,13 +1,22 @@
 """The bundled model's corpus: the Python sources installed beside the project (the standard library
 and the virtual environment's site-packages), split into train and held-out files by a hash of each
 file's path, and tokenised once into a flat array of token ids.
+
+A machine with other packages (a GPU machine that trains the model) gets this machine's corpus as an
+archive, so that both split it the same way:
+
+    python -m scripts.corpus artifacts/corpus.tar.xz         # here: pack what collect() reads
+    tar xJf corpus.tar.xz -C /tmp/corpus                      # there; then --sources /tmp/corpus
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import site
 import sysconfig
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +44,10 @@ class SourceFile:
         return held_out_by_hash(self.name, HELD_OUT_PERCENT)
 
 
-def source_roots() -> dict[str, Path]:
+def source_roots(folder: Path | None = None) -> dict[str, Path]:
+    """This Python's standard library and site-packages, or the same two roots unpacked in `folder`."""
+    if folder is not None:
+        return {"stdlib": Path(folder) / "stdlib", "site-packages": Path(folder) / "site-packages"}
     roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
     packages = [Path(p) for p in site.getsitepackages() if Path(p).is_dir()]
     if packages:
@@ -94,3 +106,20 @@ def held_out_prompts(tokenizer: PreTrainedTokenizerFast, files: list[SourceFile]
         start = f.text.rfind("\n", 0, len(f.text) // 2) + 1
         prompts.append(tokenizer(f.text[start:])["input_ids"][:tokens])
     return prompts
+
+
+def pack(files: list[SourceFile], archive: Path) -> None:
+    """The files as <root>/<path> in an xz-compressed tar (code compresses about tenfold)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:xz") as tar:
+        for f in files:
+            data = f.text.encode("utf-8")
+            info = tarfile.TarInfo(f.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Pack the corpus that collect() reads on this machine.")
+    parser.add_argument("archive", type=Path)
+    pack(collect(), parser.parse_args().archive)
