@@ -172,7 +172,7 @@ def accept(tokens: torch.Tensor, logits: torch.Tensor, depths: torch.Tensor, ret
            sampled: Sampled | None) -> Accepted:
     """tokens [B, T] node tokens (root first), logits [B, T, V] base logits at each node, depths
     [B, T], retrieve [B, P, D] root-to-leaf node indices padded with -1."""
-    targets = logits.argmax(-1)  # [B, T]: the token each node's greedy pick
+    targets = logits.argmax(-1)  # [B, T]: each node's greedy pick
     if sampled is None:
         return follow(tokens, targets, retrieve)
     probs = warp(logits[sampled.rows], sampled.temperature, sampled.top_k, sampled.top_p)  # [S, T, V]
@@ -203,11 +203,6 @@ def follow(tokens: torch.Tensor, targets: torch.Tensor, retrieve: torch.Tensor) 
     best = accepted.argmax(-1)  # [B]: first longest path
     rows = torch.arange(b, device=tokens.device)
     return Accepted(nodes=idx.view(b, p, d)[rows, best], count=accepted[rows, best] + 1, tokens=target[rows, best])
-
-
-def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Tensor) -> Accepted:
-    """A node is accepted when its token is the base argmax at its parent; the longest path wins."""
-    return follow(tokens, logits.argmax(-1), retrieve)
 
 
 def typical_accept(tokens: torch.Tensor, probs: torch.Tensor, retrieve: torch.Tensor, epsilon: torch.Tensor,

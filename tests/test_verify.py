@@ -1,10 +1,11 @@
-"""Greedy verification with hand-built logits whose argmax is chosen, exact tensors asserted."""
+"""Greedy verification (`sampling.accept` with no sampling sequence) with hand-built logits whose
+argmax is chosen, exact tensors asserted."""
 
 from __future__ import annotations
 
 import torch
 
-from sampling import greedy_accept
+from sampling import accept as accept_step
 from tree import build_tree, stack_trees
 
 V = 10
@@ -24,7 +25,7 @@ def logits_with_argmax(argmax: list[list[int]]) -> torch.Tensor:
 def accept(tokens: list[list[int]], argmax: list[list[int]], trees=None):
     trees = trees or (TREE,) * len(tokens)
     step = stack_trees(tuple(trees), torch.device("cpu"))
-    return greedy_accept(torch.tensor(tokens), logits_with_argmax(argmax), step.retrieve)
+    return accept_step(torch.tensor(tokens), logits_with_argmax(argmax), step.depths, step.retrieve, None)
 
 
 def test_tree_paths():
