@@ -7,8 +7,23 @@ saved: training.json (base), medusa/training.json (heads), medusa/tree_tuning.js
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+
+from safetensors import safe_open
+
+
+def parameters(folder: Path) -> tuple[float, str]:
+    """Millions of parameters in the model's safetensors, and their dtype."""
+    count, dtypes = 0, set()
+    for f in folder.glob("model*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                tensor = st.get_slice(key)
+                count += math.prod(tensor.get_shape())
+                dtypes.add(tensor.get_dtype())
+    return count / 1e6, "/".join(sorted(dtypes))
 
 
 def card(folder: Path) -> str:
@@ -18,7 +33,7 @@ def card(folder: Path) -> str:
     ev = json.loads((folder / "medusa" / "eval.json").read_text())
     tree = json.loads((folder / "medusa" / "medusa_choices.json").read_text())
     shape, sched, corpus = base["shape"], base["schedule"], base["corpus"]
-    params = sum(f.stat().st_size for f in folder.glob("model*.safetensors")) / 4 / 1e6
+    params, dtype = parameters(folder)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
     top1, top5 = heads["held_out"]["top1"], heads["held_out"]["top5"]
     rows = "\n".join(
@@ -26,7 +41,7 @@ def card(folder: Path) -> str:
         for r in tuning["sizes"]
     )
     held = "\n".join(f"    {name}" for name in corpus["held_out_files"])
-    return f"""# pycoder-4m: a small Python code model with Medusa heads
+    return f"""# {folder.name}: a small Python code model with Medusa heads
 
 A Llama-architecture causal LM trained from scratch on this machine's CPU by
 `scripts/build_model.py`, with 4 Medusa heads trained by `train_medusa.py` and a tree chosen by
@@ -41,7 +56,7 @@ about 1.7 plain steps, so speculation only breaks even here (see Results and the
 | | |
 |---|---|
 | architecture | `LlamaForCausalLM`, hidden {shape['hidden_size']}, {shape['layers']} layers, {shape['heads']} attention heads, MLP {shape['intermediate_size']}, tied embeddings |
-| parameters | {params:.1f} M (fp32 safetensors, shards under 10 MB) |
+| parameters | {params:.1f} M ({dtype} safetensors, shards under 10 MB) |
 | tokenizer | byte-level BPE, {shape['vocab_size']} tokens, `<s>` prepended (`tokenizers`) |
 | context | {shape['context']} tokens (trained on windows of {sched['seq_len']}) |
 | folder size | {size:.1f} MB |
