@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# One call of the GPU `device` tool (about 9 minutes on an H100 or H200): a bigger bundled model
+# One call of the GPU `device` tool (about 8 minutes, timeout_s 600): a bigger bundled model
 # (13.8 M parameters: hidden 384, 6 layers, 8k vocabulary) and its heads, trained on this machine's
 # corpus so that the held-out files are the same here and there. Here, first:
-#     python -m scripts.corpus artifacts/corpus/corpus.tar.xz       # ~25 MB; artifacts/ is not committed
+#     python -m scripts.corpus artifacts/corpus/corpus.tar.xz       # ~27 MB; artifacts/ is not committed
 # then run `bash scripts/device_build.sh` there with carry ["artifacts/corpus"]. The model and heads
 # come back as $OUT/model.tar.part-*; here: cat model.tar.part-* | tar x -C models/
 # then scripts/tune_tree.py, scripts/eval_model.py and scripts/model_card.py on this machine.
-# The same commands at a tiny size run on the CPU in tests/test_build_model.py.
+# tests/test_build_model.py runs this script on the CPU at a tiny size (the variables below).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 name=${NAME:-pycoder-14m}
-minutes=${MINUTES:-5}
-mkdir -p /tmp/corpus
-tar xJf artifacts/corpus/corpus.tar.xz -C /tmp/corpus
-python3 -m scripts.build_model --sources /tmp/corpus --device cuda --work /tmp/work --out "/tmp/$name" \
-    --vocab-size 8192 --hidden-size 384 --intermediate-size 1024 --layers 6 --heads 6 --kv-heads 6 \
-    --batch 64 --lr 3e-3 --eval-every 500 --minutes "$minutes" --save-dtype bfloat16
-python3 train_medusa.py --model "/tmp/$name" --out "/tmp/$name/medusa" --python-sources /tmp/corpus \
-    --heads 4 --shared-lm-head --self-distill --sequences 16384 --eval-sequences 512 --seq-len 128 \
-    --generate-batch 1024 --steps 3000 --batch 64 --lr 3e-3 --warmup 100 --device cuda
-tar cf - -C /tmp "$name" | split -b 15m - "$OUT/model.tar.part-"
+corpus=${CORPUS:-artifacts/corpus/corpus.tar.xz}
+device=${DEVICE:-cuda}
+work=${WORK:-/tmp/device_build}
+minutes=${MINUTES:-3}  # of pretraining; corpus preparation and heads take about 5 more
+shape=${SHAPE:---vocab-size 8192 --hidden-size 384 --intermediate-size 1024 --layers 6 --heads 6 --kv-heads 6 \
+--batch 64 --lr 3e-3 --eval-every 500}
+heads=${HEADS:---sequences 16384 --eval-sequences 512 --seq-len 128 --generate-batch 1024 --steps 3000 --batch 64 \
+--lr 3e-3 --warmup 100}
+mkdir -p "$work/corpus"
+date
+tar xJf "$corpus" -C "$work/corpus"
+# shellcheck disable=SC2086  # $shape and $heads are lists of flags
+python3 -m scripts.build_model --sources "$work/corpus" --device "$device" --work "$work/build" \
+    --out "$work/$name" --minutes "$minutes" --save-dtype bfloat16 $shape
+date
+# shellcheck disable=SC2086
+python3 train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
+    --heads 4 --shared-lm-head --self-distill --device "$device" $heads
+date
+tar cf - -C "$work" "$name" | split -b 15m - "$OUT/model.tar.part-"
 ls -l "$OUT"

@@ -1,10 +1,11 @@
 """The bundled model's build, at a tiny size on the CPU, the way a GPU machine runs it: a packed
 corpus unpacked elsewhere, the base model pretrained (resumably) and saved in bf16, then heads trained
-on the same corpus; the results load as the service loads them."""
+on the same corpus; scripts/device_build.sh end to end; the results load as the service loads them."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -24,17 +25,24 @@ TINY = ["--vocab-size", "320", "--hidden-size", "32", "--intermediate-size", "64
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Standard-library files and a few more under site-packages/, packed and unpacked elsewhere."""
+def archive(tmp_path_factory) -> Path:
+    """Standard-library files and a few more under site-packages/, packed."""
     texts = [t for t in stdlib_texts(60) if t.strip() and len(t.encode()) < MAX_FILE_BYTES]
     files = [SourceFile("stdlib", f"m{i}.py", t) for i, t in enumerate(texts)]
     files += [SourceFile("site-packages", f"pkg/m{i}.py", t) for i, t in enumerate(texts[:20])]
     archive = tmp_path_factory.mktemp("packed") / "corpus.tar.xz"
     pack(files, archive)
+    return archive
+
+
+@pytest.fixture(scope="module")
+def corpus(archive, tmp_path_factory) -> Path:
+    """The packed corpus unpacked elsewhere: collect() reads the same files from it."""
     folder = tmp_path_factory.mktemp("unpacked")
     with tarfile.open(archive) as tar:
         tar.extractall(folder, filter="data")
-    assert sorted(f.name for f in collect(source_roots(folder))) == sorted(f.name for f in files)
+        names = sorted(m.name for m in tar.getmembers())
+    assert sorted(f.name for f in collect(source_roots(folder))) == names
     return folder
 
 
@@ -66,3 +74,19 @@ def test_build_resumes_and_saves_a_folder_the_auto_classes_load(corpus, tmp_path
                     "--device", "cpu"], cwd=ROOT, check=True, capture_output=True, text=True)
     medusa, _ = load_medusa_model(str(out), str(heads), deepspeed=False)
     assert medusa.num_heads == 2 and medusa.dtype == torch.float32  # bf16 on disk, fp32 to serve on the CPU
+
+
+def test_device_script_runs_end_to_end_at_a_tiny_size(archive, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "NAME": "tiny", "CORPUS": str(archive), "DEVICE": "cpu", "WORK": str(tmp_path / "work"),
+           "OUT": str(out), "SHAPE": " ".join([*TINY, "--steps", "4", "--no-compile"]),
+           "HEADS": "--sequences 8 --eval-sequences 4 --seq-len 24 --prompt-tokens 8 --steps 2 --batch 4"}
+    subprocess.run(["bash", "scripts/device_build.sh"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    parts = sorted(out.glob("model.tar.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    back = tmp_path / "back"
+    back.mkdir()
+    subprocess.run(f"cat {' '.join(str(p) for p in parts)} | tar x -C {back}", shell=True, check=True)
+    model, _ = load_medusa_model(str(back / "tiny"), str(back / "tiny" / "medusa"), deepspeed=False)
+    assert model.num_heads == 4 and model.config.hidden_size == 32
