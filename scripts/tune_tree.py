@@ -4,7 +4,7 @@
    each head's distribution, jointly over the heads; P(node) = the share of positions where every
    head on the node's path ranks the true token exactly as the path says. Expected tokens per step
    of a tree = 1 + sum of P over its nodes (at most one node per depth can be accepted).
-2. cost: the engine's step time at batch 1 with trees of each size.
+2. cost: the engine's step time at batch 1 with trees of each size (median of alternating rounds).
 
 Trees are grown greedily (always the most probable node whose parent is in), so each is a prefix of
 the next; the one with the most expected tokens per second wins and is written as
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size and round")
+    parser.add_argument("--rounds", type=int, default=3, help="the step time of a size is the median of its rounds")
     args = parser.parse_args()
 
     model, tokenizer = load_medusa_model(args.model, args.heads)
@@ -84,12 +86,15 @@ def main() -> None:
     order = grow_tree(ranks, max(SIZES))
     print(f"{len(ranks)} positions; head top-1: {[round((ranks[:, k] == 0).float().mean().item(), 3) for k in range(ranks.shape[1])]}")
 
-    root_ms = 1e3 * step_times(model, tokenizer, prompts[0], 1, ROOT, args.steps)
-    rows = [{"nodes": 0, "tokens_per_step": 1.0, "step_ms": root_ms, "tokens_per_s": 1e3 / root_ms}]
-    for n in SIZES:
-        tree = build_tree([p for p, _ in order[:n]], f"tuned{n}")
-        ms = 1e3 * step_times(model, tokenizer, prompts[0], 1, tree, args.steps)
+    trees = [ROOT] + [build_tree([p for p, _ in order[:n]], f"tuned{n}") for n in SIZES]
+    times = [[] for _ in trees]
+    for _ in range(args.rounds):  # sizes alternate within each round, so drift hits all of them
+        for tree, t in zip(trees, times):
+            t.append(1e3 * step_times(model, tokenizer, prompts[0], 1, tree, args.steps))
+    rows = []
+    for n, t in zip((0, *SIZES), times):
         expected = 1 + sum(p for _, p in order[:n])
+        ms = statistics.median(t)
         rows.append({"nodes": n, "tokens_per_step": expected, "step_ms": ms, "tokens_per_s": 1e3 * expected / ms})
     print(f"{'nodes':>5} {'E[tokens/step]':>15} {'step ms':>8} {'E[tokens/s]':>12} {'vs root':>8}")
     for r in rows:
