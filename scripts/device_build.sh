@@ -9,6 +9,7 @@
 # tests/test_build_model.py runs this script on the CPU at a tiny size (the variables below).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
 name=${NAME:-pycoder-14m}
 corpus=${CORPUS:-artifacts/corpus/corpus.tar.xz}
 device=${DEVICE:-cuda}
@@ -22,11 +23,11 @@ mkdir -p "$work/corpus"
 date
 tar xJf "$corpus" -C "$work/corpus"
 # shellcheck disable=SC2086  # $shape and $heads are lists of flags
-python3 -m scripts.build_model --sources "$work/corpus" --device "$device" --work "$work/build" \
+"$python" -m scripts.build_model --sources "$work/corpus" --device "$device" --work "$work/build" \
     --out "$work/$name" --minutes "$minutes" --save-dtype bfloat16 $shape
 date
 # shellcheck disable=SC2086
-python3 train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
+"$python" train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
     --heads 4 --shared-lm-head --self-distill --device "$device" $heads
 date
 tar cf - -C "$work" "$name" | split -b 15m - "$OUT/model.tar.part-"
