@@ -204,6 +204,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def completions(body: CompletionRequest, request: Request, response: Response):
+        # `request` and `response` are also what slowapi's decorator reads and writes its headers into
         served, not_ready = ready()
         if not_ready:
             return not_ready

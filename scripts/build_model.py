@@ -5,11 +5,8 @@
 Stages cache their output under --work (tokenizer, token arrays, checkpoints), so an interrupted run
 resumes where it stopped. Heads are trained afterwards with train_medusa.py and the tree chosen with
 scripts/tune_tree.py. Every field of Shape and Schedule is a flag (--hidden-size 384, --batch 64);
-on a GPU machine, with this machine's corpus packed by scripts/corpus.py:
-
-    python -m scripts.build_model --sources /tmp/corpus --device cuda --vocab-size 8192 --hidden-size 384 \
-        --intermediate-size 1024 --layers 6 --heads 6 --kv-heads 6 --batch 64 --minutes 5 \
-        --save-dtype bfloat16 --work /tmp/work --out /tmp/model
+scripts/device_build.sh runs it on a GPU machine with this machine's corpus (packed by
+scripts/corpus.py) and the shape of the bigger model.
 """
 
 from __future__ import annotations
