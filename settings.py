@@ -74,9 +74,9 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float32" if self.resolved_device() == "cpu" else "float16"
+        from load_medusa_from_hf import resolve_dtype
+
+        return str(resolve_dtype(self.dtype, self.resolved_device())).removeprefix("torch.")
 
 
 def settings_from_command_line(argv: list[str] | None = None) -> Settings:

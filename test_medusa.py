@@ -25,9 +25,11 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n  
 
 @pytest.fixture(scope="session")
 def reference(settings):
-    """reference(prompt, max_tokens) -> the text of Hugging Face greedy generate() on the same model."""
+    """reference(prompt, max_tokens) -> the text of Hugging Face greedy generate() on the same model, in
+    the dtype the service runs it in."""
     tokenizer = AutoTokenizer.from_pretrained(settings.model_name)
-    model = AutoModelForCausalLM.from_pretrained(settings.model_name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(settings.model_name, dtype=getattr(torch, settings.resolved_dtype()))
+    model.eval()
 
     def run(prompt: str, max_tokens: int) -> str:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -72,7 +74,7 @@ def test_health_models_info_metrics(http, settings):
     info = http.get("/info").json()
     assert info["model"] == settings.model_id() and info["num_heads"] >= 1 and info["tree"]["nodes"] > 1
     assert {"device", "dtype", "deepspeed", "max_batch_size", "max_wait_ms", "queue_size"} <= set(info)
-    assert info["deepspeed"] is True and info["dtype"] == "float32"
+    assert info["deepspeed"] is True and info["dtype"] == settings.resolved_dtype()
     http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
     text = http.get("/metrics").text
     for name in ["medusa_requests_running", "medusa_requests_waiting", "medusa_request_success_total",
@@ -356,7 +358,8 @@ def test_vicuna_layout_served_through_env(tmp_path, monkeypatch, wait_ready):
         wait_ready(c.get)
         assert c.get("/info").json()["num_heads"] == 3
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        dtype = c.get("/info").json()["dtype"]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         for prompt in [TEXT[:37]]:  # the model recites TEXT from here
             body = {"prompt": prompt, "max_tokens": 80}
             out = c.post("/v1/completions", json=body).json()

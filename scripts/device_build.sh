@@ -4,11 +4,12 @@
 # corpus so that the held-out files are the same here and there. Here, first:
 #     python -m scripts.corpus artifacts/corpus/corpus.tar.xz       # ~27 MB; artifacts/ is not committed
 # then run `bash scripts/device_build.sh` there with carry ["artifacts/corpus"]. The model and heads
-# come back as $OUT/model.tar.part-*; here: cat model.tar.part-* | tar x -C models/
+# come back as $OUT/model.tar.part-* (packed as soon as pretraining ends, so a failure in the heads stage
+# still returns it) and $OUT/heads.tar; here: cat model.tar.part-* | tar x -C models/; tar xf heads.tar -C models/
 # then scripts/tune_tree.py, scripts/eval_model.py and scripts/model_card.py on this machine.
 # tests/test_build_model.py runs this script on the CPU at a tiny size (the variables below).
 set -euo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
 python=${PYTHON:-python3}
 name=${NAME:-pycoder-14m}
 corpus=${CORPUS:-artifacts/corpus/corpus.tar.xz}
@@ -25,10 +26,11 @@ tar xJf "$corpus" -C "$work/corpus"
 # shellcheck disable=SC2086  # $shape and $heads are lists of flags
 "$python" -m scripts.build_model --sources "$work/corpus" --device "$device" --work "$work/build" \
     --out "$work/$name" --minutes "$minutes" --save-dtype bfloat16 $shape
+tar cf - -C "$work" "$name" | split -b 15m - "$OUT/model.tar.part-"
 date
 # shellcheck disable=SC2086
-"$python" train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
+timeout "${HEADS_SECONDS:-330}" "$python" train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
     --heads 4 --shared-lm-head --self-distill --device "$device" $heads
 date
-tar cf - -C "$work" "$name" | split -b 15m - "$OUT/model.tar.part-"
+tar cf "$OUT/heads.tar" -C "$work" "$name/medusa"
 ls -l "$OUT"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench_engine import engine_generate, hf_generate
-from load_medusa_from_hf import heads_tree, load_medusa_model
+from load_medusa_from_hf import heads_tree, load_medusa_model, resolve_dtype
 from scripts.corpus import encode, held_out_prompts, model_held_out
 from tree import ROOT
 
@@ -48,12 +48,16 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", help="of the decoding runs (the held-out loss is fp32's); "
+                                                        "auto: as the service chooses")
     args = parser.parse_args()
 
-    model, tokenizer = load_medusa_model(args.model, args.heads)
-    tree = heads_tree(args.heads)
+    model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=False)
     held_out = model_held_out(args.model)
     loss, scored = held_out_loss(model.model, tokenizer, held_out)
+    dtype = resolve_dtype(args.dtype)
+    model, _ = load_medusa_model(args.model, args.heads, dtype=dtype)
+    tree = heads_tree(args.heads)
     prompts = held_out_prompts(tokenizer, held_out, args.prompts, args.prompt_tokens)
     runs = {"hf": [], "standard": [], "speculative": []}
     for _ in range(args.repeats):  # the modes alternate within each repeat, so drift hits all of them
@@ -76,7 +80,7 @@ def main() -> None:
         "speculative_equals_standard": all(a.tokens == b.tokens for a, b in zip(spec, std)),
         "standard_equals_hf": all(a.tokens == b for a, b in zip(std, hf_out)),
         "setup": f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-                 f"batch 1, greedy, median of {args.repeats} repeats, {torch.get_num_threads()} threads",
+                 f"batch 1, greedy, {dtype}, median of {args.repeats} repeats, {torch.get_num_threads()} threads",
         "sample": tokenizer.decode(prompts[0], skip_special_tokens=True) + texts[0],
     }
     (Path(args.heads) / "eval.json").write_text(json.dumps(result, indent=1) + "\n")

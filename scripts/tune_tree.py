@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench_engine import step_times
-from load_medusa_from_hf import TREE_FILE, load_medusa_model
+from load_medusa_from_hf import TREE_FILE, load_medusa_model, resolve_dtype
 from scripts.corpus import held_out_prompts, model_held_out
 from train_medusa import greedy_continuations
 from tree import ROOT, build_tree
@@ -77,9 +77,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size and round")
     parser.add_argument("--rounds", type=int, default=3, help="the step time of a size is the median of its rounds")
+    parser.add_argument("--dtype", default="auto", help="of the timed steps; auto: as the service chooses")
     args = parser.parse_args()
 
-    model, tokenizer = load_medusa_model(args.model, args.heads)
+    model, tokenizer = load_medusa_model(args.model, args.heads, dtype=resolve_dtype(args.dtype))
     prompts = held_out_prompts(tokenizer, model_held_out(args.model), args.prompts, args.prompt_tokens)
     sequences = torch.tensor(greedy_continuations(model.model, prompts, args.new_tokens))
     ranks = joint_ranks(model, sequences, args.prompt_tokens)
