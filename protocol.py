@@ -45,8 +45,9 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, prompt: Prompt) -> Prompt:
-        if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
-            raise ValueError("prompt must not be empty")
+        parts = [prompt] if isinstance(prompt, str) else [prompt, *(p for p in prompt if not isinstance(p, int))]
+        if any(len(p) == 0 for p in parts):
+            raise ValueError("prompt must not be empty (nor any of its prompts)")
         return prompt
 
     @field_validator("stop")
