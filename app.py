@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from slowapi.errors import RateLimitExceeded
@@ -22,7 +23,7 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from batch_processor import DynamicBatcher, EngineFailure, QueueFull
+from batch_processor import DynamicBatcher, EngineFailure, QueueFull, RequestTimeout
 from completions import BadRequest, Completion, Limits
 from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
@@ -34,7 +35,7 @@ from tree import ROOT, Tree, load_tree, preset
 
 log = logging.getLogger("medusa")
 STATIC = Path(__file__).with_name("static")
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503, 504)}
 FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports per union branch
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
@@ -98,7 +99,10 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_served) -> FastAPI:
+def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_served,
+               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+    """The service; `on_load_failure` is called once the model has failed to load (`python app.py`
+    stops the server and exits non-zero; without it /health stays 503 with the message)."""
     metrics = ServiceMetrics()
     state: dict = {"served": None, "batcher": None, "load_error": None}
 
@@ -110,6 +114,8 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
             except Exception as e:
                 log.exception("model failed to load")
                 state["load_error"] = f"model failed to load: {e}"
+                if on_load_failure is not None:
+                    on_load_failure()
                 return
             batcher = DynamicBatcher(served.engine, settings.max_wait_ms, settings.queue_size, metrics)
             batcher.start()
@@ -129,6 +135,9 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
     add_routes(app, settings, state, metrics)
     add_demo_page(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # off unless configured: browsers then only call it from its own pages
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -215,7 +224,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
         limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n,
                         engine.model.config.vocab_size, engine.model.num_heads > 0 and served.tree.num_nodes > 1)
         try:
-            completion = Completion(body, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics)
+            completion = Completion(body, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics,
+                                    settings.request_timeout_s)
             if len(completion.requests) > settings.queue_size + settings.max_batch_size:
                 raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
             ticket = completion.submit()
@@ -227,11 +237,14 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return error(503, str(e))
         if body.stream:
             cancel = BackgroundTask(state["batcher"].cancel, ticket) if ticket else None  # also if never started
-            return EventSourceResponse(completion.sse(ticket), sep="\n", ping=15, background=cancel)
+            return EventSourceResponse(completion.sse(ticket), sep="\n", ping=15, background=cancel,
+                                       shutdown_grace_period=settings.shutdown_grace_s)
         try:
             await until_done_or_disconnected(completion.updates(ticket), request)
         except EngineFailure as e:
             return error(500, str(e))
+        except RequestTimeout:
+            return error(504, completion.timeout_message())
         return completion.response()
 
     if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
@@ -270,11 +283,22 @@ async def until_done_or_disconnected(updates, http: Request, poll_s: float = 0.2
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, which stop new connections and give requests in flight
+    SHUTDOWN_GRACE_S to finish; then uvicorn re-raises the signal (exit status 143 for SIGTERM, which
+    process managers read as a clean stop). A model that fails to load stops the server: status 1."""
     settings = settings_from_command_line(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=settings.shutdown_grace_s + 1))
+    server.run()
+    if app.state.serving["load_error"]:
+        raise SystemExit(f"exiting: {app.state.serving['load_error']}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class EngineFailure(Exception):
     """The engine step this request was in failed; other steps are unaffected."""
 
 
+class RequestTimeout(Exception):
+    """The request's deadline passed before all its sequences finished."""
+
+
 @dataclass(frozen=True)
 class Update:
     index: int  # the choice this event belongs to
@@ -45,11 +49,16 @@ class Ticket:
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # Update | EngineFailure
     cancelled: bool = False
 
-    async def stream(self):
-        """Updates until every sequence has finished; raises EngineFailure if its step failed."""
+    async def stream(self, deadline: float | None = None):
+        """Updates until every sequence has finished; raises EngineFailure if its step failed and
+        RequestTimeout once time.perf_counter() passes `deadline`."""
         remaining = len(self.requests)
         while remaining:
-            item = await self.updates.get()
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                item = await asyncio.wait_for(self.updates.get(), left)
+            except TimeoutError:
+                raise RequestTimeout from None
             if isinstance(item, EngineFailure):
                 raise item
             remaining -= item.sequence is not None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from batch_processor import DynamicBatcher, EngineFailure, Ticket, Update
+from batch_processor import DynamicBatcher, EngineFailure, RequestTimeout, Ticket, Update
 from detokenizer import CONTEXT_TOKENS
 from metrics import ServiceMetrics
 from protocol import Choice, CompletionRequest, CompletionResponse, Logprobs, Metrics, Usage, error_body
@@ -141,8 +141,9 @@ class Completion:
     """One HTTP completion request in flight."""
 
     def __init__(self, req: CompletionRequest, model_id: str, tokenizer: PreTrainedTokenizerBase, limits: Limits,
-                 batcher: DynamicBatcher, metrics: ServiceMetrics):
+                 batcher: DynamicBatcher, metrics: ServiceMetrics, timeout_s: float = 0.0):
         self.req, self.model_id, self.tokenizer, self.batcher, self.metrics = req, model_id, tokenizer, batcher, metrics
+        self.timeout_s = timeout_s  # 0: none
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.prompts = tokenize(req, tokenizer, limits)
         self.requests = engine_requests(req, self.prompts, limits)
@@ -172,11 +173,14 @@ class Completion:
                 c.finish_reason = "length"
             return
         try:
-            async for update in ticket.stream():
+            async for update in ticket.stream(self.start + self.timeout_s if self.timeout_s else None):
                 self._observe(update)
                 yield update
         except EngineFailure:
             self.metrics.failures.inc()
+            raise
+        except RequestTimeout:
+            self.metrics.timeouts.inc()
             raise
         finally:
             self.batcher.cancel(ticket)  # a no-op once every choice has finished
@@ -188,6 +192,9 @@ class Completion:
             self.metrics.success.labels(c.finish_reason).inc()
             if c.decode_steps:
                 self.metrics.accepted.observe(c.decode_tokens / c.decode_steps)
+
+    def timeout_message(self) -> str:
+        return f"the request did not finish within the server's request timeout of {self.timeout_s:g} s"
 
     # ---- response shapes ---------------------------------------------------------------------
 
@@ -270,6 +277,10 @@ class Completion:
                     yield {"data": self.chunk(i, "", "length")}
         except EngineFailure as e:
             yield {"data": json.dumps(error_body(500, str(e)))}
+            yield {"data": "[DONE]"}
+            return
+        except RequestTimeout:
+            yield {"data": json.dumps(error_body(504, self.timeout_message()))}
             yield {"data": "[DONE]"}
             return
         except Exception:  # the stream has started: the error goes in-band

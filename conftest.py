@@ -52,6 +52,12 @@ def live_server(settings: Settings):
 
 
 @pytest.fixture(scope="session")
+def serve_with():
+    """serve_with(settings): a context manager serving the app under uvicorn; yields its base URL."""
+    return live_server
+
+
+@pytest.fixture(scope="session")
 def base_url(settings):
     with live_server(settings) as url:
         yield url

@@ -14,6 +14,7 @@ class ServiceMetrics:
         self.waiting = Gauge("medusa_requests_waiting", "Sequences waiting for a batch slot", registry=r)
         self.success = Counter("medusa_request_success", "Completed requests", ["finish_reason"], registry=r)
         self.failures = Counter("medusa_request_failure", "Requests failed by the engine", registry=r)
+        self.timeouts = Counter("medusa_request_timeout", "Requests ended by the request timeout", registry=r)
         self.prompt_tokens = Counter("medusa_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("medusa_generation_tokens", "Tokens generated", registry=r)
         self.decode_steps = Counter("medusa_decode_steps", "Engine decode steps (one per running batch)", registry=r)

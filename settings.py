@@ -38,12 +38,17 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt) times prompts per request")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(300.0, ge=0, description="a request still unfinished after this gets 504 "
+                                                              "(in-band when streaming) and frees its slots; 0: none")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
 
     # who may call it, and how often
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated Bearer keys; empty: no key needed")
     rate_limit: str = Field("", description='per API key (or client address without keys), e.g. "60/minute;1000/hour"; '
                                             "empty: off")
     rate_limit_storage: str = Field("memory://", description="memory://, or redis://host:port shared by replicas")
+    cors_origins: list[str] = Field([], description='browser origins allowed to call the API, e.g. ["https://a.example"]; '
+                                                   "empty: no CORS headers (same-origin only)")
 
     # where it listens
     host: str = "127.0.0.1"

@@ -3,6 +3,7 @@ executable; Playwright downloads no browser). Skips only where chromium is missi
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,29 @@ def test_errors_are_shown_and_the_page_keeps_working(page):
     assert "max_tokens" in page.locator("#status").inner_text()
     generate(page, speculative=True)
     assert page.locator("#output").inner_text()
+
+
+def test_markup_in_the_model_output_is_shown_as_text(page):
+    """The server's own stream, with the first chunk's text replaced by markup on its way to the page."""
+    markup = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"><b>bold</b>'
+
+    def inject(route):
+        response = route.fetch()
+        lines, done = [], False
+        for line in response.text().split("\n"):
+            if line.startswith("data: {") and not done:
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    chunk["choices"][0]["text"], done = markup, True
+                    line = "data: " + json.dumps(chunk)
+            lines.append(line)
+        route.fulfill(response=response, body="\n".join(lines))
+
+    page.route("**/v1/completions", inject)
+    try:
+        generate(page, speculative=True)
+    finally:
+        page.unroute("**/v1/completions")
+    assert page.locator("#output").inner_text().startswith(markup)
+    assert page.locator("#output script, #output img, #output b").count() == 0
+    assert page.evaluate("window.pwned") is None

@@ -3,11 +3,29 @@ changes: the server keeps serving and no request is left running or waiting."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
+import psutil
 import pytest
+from fastapi.testclient import TestClient
 
+from app import Served, create_app, load_served
+from engine import Engine
 from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 JSON = {"content-type": "application/json"}
 BAD_INPUT = {  # id: (request arguments for httpx, expected status, the `param` the error names or None)
@@ -93,3 +111,230 @@ def test_max_tokens_zero_scores_the_prompt(http):
     choice = r.json()["choices"][0]
     assert choice["text"] == "def f():" and choice["finish_reason"] == "length"
     assert r.json()["usage"]["completion_tokens"] == 0
+
+
+def sse_events(raw: str) -> list[str]:
+    return [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ---- deadlines -------------------------------------------------------------------------------------
+
+
+def test_a_request_past_its_deadline_gets_504_and_frees_its_slot(settings, wait_ready):
+    with TestClient(create_app(settings.model_copy(update={"request_timeout_s": 0.3}))) as c:
+        wait_ready(c.get)
+        long = {"prompt": "def f():", "max_tokens": c.get("/info").json()["max_context"] - 8, "ignore_eos": True}
+        start = time.perf_counter()
+        error = assert_error_shape(c.post("/v1/completions", json=long), 504)
+        assert time.perf_counter() - start < 2.0 and "0.3 s" in error["message"]
+        with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            events = sse_events("".join(r.iter_text()))
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == 504  # in-band, after the chunks it did produce
+        assert any(json.loads(e).get("choices") for e in events[:-2])
+        wait_for(lambda: gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0})
+        assert "medusa_request_timeout_total 2.0" in c.get("/metrics").text
+        assert c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 4}).status_code == 200
+
+
+# ---- faults --------------------------------------------------------------------------------------
+
+
+class FaultyEngine(Engine):
+    """The served engine; a step with a sequence whose prompt is `poison` raises."""
+
+    poison: list[int] = []
+
+    def step(self, batch):
+        if any(seq.request.prompt_ids == self.poison for seq in batch.seqs):
+            raise RuntimeError("injected fault: /secret/path/weights.bin")
+        return super().step(batch)
+
+
+def faulty_loader(settings) -> Served:
+    served = load_served(settings)
+    served.engine.__class__ = FaultyEngine
+    return served
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, wait_ready):
+    with TestClient(create_app(settings, loader=faulty_loader)) as c:
+        wait_ready(c.get)
+        healthy = {"prompt": "def read_config(path):", "max_tokens": 24}
+        before = c.post("/v1/completions", json=healthy).json()["choices"][0]["text"]
+        FaultyEngine.poison = c.app.state.serving["served"].engine.tokenizer("import poison")["input_ids"]
+        bad = {"prompt": "import poison", "max_tokens": 24}
+        error = assert_error_shape(c.post("/v1/completions", json=bad), 500)
+        assert "secret" not in error["message"] and "injected" not in error["message"]
+        with c.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
+            events = sse_events("".join(r.iter_text()))
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 500
+        assert "secret" not in events[-2]
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.post("/v1/completions", json=healthy).json()["choices"][0]["text"] == before
+        assert gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
+
+
+def serve(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "warning"}
+    return subprocess.Popen([sys.executable, "app.py", "--device", "cpu", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_model_that_fails_to_load_exits_non_zero_with_its_reason(tmp_path):
+    server = serve("--model-name", str(tmp_path / "no-such-model"), "--port", "0")
+    try:
+        _, stderr = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 1
+    assert "model failed to load" in stderr and "no-such-model" in stderr.splitlines()[-1]
+
+
+# ---- shutdown ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
+    port = free_port()
+    server = serve("--port", str(port), "--shutdown-grace-s", "20")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            time.sleep(0.1)
+        body = {"prompt": "def f():", "max_tokens": 300, "ignore_eos": True}
+        first_chunk = threading.Event()
+
+        def streamed() -> list[str]:
+            stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", url + "/v1/completions", json=stream_body, timeout=60) as r:
+                raw = ""
+                for text in r.iter_text():
+                    raw += text
+                    first_chunk.set()
+            return sse_events(raw)
+
+        with ThreadPoolExecutor(2) as pool:
+            stream = pool.submit(streamed)
+            plain = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+            assert first_chunk.wait(60)
+            server.send_signal(signal.SIGTERM)
+            events, response = stream.result(), plain.result()
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 300
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 300
+        assert server.wait(timeout=30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has drained
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
+
+
+# ---- browsers ----------------------------------------------------------------------------------
+
+
+def test_cors_is_off_unless_configured(settings):
+    preflight = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    closed = TestClient(create_app(settings))  # not started: no model needed for the headers
+    assert "access-control-allow-origin" not in closed.options("/v1/completions", headers=preflight).headers
+    assert "access-control-allow-origin" not in closed.get("/health", headers=preflight).headers
+    open_ = TestClient(create_app(settings.model_copy(update={"cors_origins": ["https://elsewhere.example"]})))
+    r = open_.options("/v1/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://elsewhere.example"
+    other = {**preflight, "Origin": "https://evil.example"}
+    assert "access-control-allow-origin" not in open_.options("/v1/completions", headers=other).headers
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+BURST_PROMPTS = ["def read_config(path):", "import numpy as np\n", "class Stack:\n    def __init__(self):",
+                 "for i in range(10):\n    print("]
+
+
+@pytest.fixture(scope="module")
+def small_server(settings, serve_with):
+    """A server with little room: 4 sequences in the batch and 4 in the queue."""
+    with serve_with(settings.model_copy(update={"max_batch_size": 4, "queue_size": 4})) as url:
+        yield url
+
+
+def alone(url: str, body: dict) -> str:
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    return r.json()["choices"][0]["text"]
+
+
+def test_overload_gets_fast_429s_and_every_accepted_request_its_own_answer(small_server):
+    bodies = [{"prompt": p, "max_tokens": 32, "ignore_eos": True} for p in BURST_PROMPTS]
+    answers = [alone(small_server, b) for b in bodies]
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+
+    async def one(client: httpx.AsyncClient, i: int):
+        start = time.perf_counter()
+        r = await client.post("/v1/completions", json=bodies[i % len(bodies)])
+        return i, r, time.perf_counter() - start
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=small_server, timeout=120,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(burst())
+    accepted = [(i, r) for i, r, _ in results if r.status_code == 200]
+    refused = [(r, seconds) for _, r, seconds in results if r.status_code == 429]
+    assert len(accepted) + len(refused) == 64 and len(accepted) >= 8 and refused
+    for r, seconds in refused:
+        assert_error_shape(r, 429)
+        assert int(r.headers["Retry-After"]) >= 1 and seconds < 1.0
+    for i, r in accepted:
+        assert r.json()["choices"][0]["text"] == answers[i % len(bodies)]
+    wait_for(lambda: gauges(httpx.Client(base_url=small_server)) == {"medusa_requests_running": 0,
+                                                                       "medusa_requests_waiting": 0})
+    assert process.memory_info().rss <= rss_before + 100 * 2**20
+
+
+def test_clients_that_drop_mid_stream_leave_the_others_untouched(base_url, http):
+    bodies = [{"prompt": p, "max_tokens": 48, "ignore_eos": True} for p in BURST_PROMPTS]
+    answers = [alone(base_url, b) for b in bodies]
+
+    async def one(client: httpx.AsyncClient, i: int) -> str | None:
+        body = {**bodies[i % len(bodies)], "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            text, chunks = "", 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    text += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+                    if i % 2 and chunks == 3:
+                        return None  # drops the connection mid-stream
+            return text
+
+    async def crowd():
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=httpx.Limits(max_connections=100)) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(40)))
+
+    texts = asyncio.run(crowd())
+    for i, text in enumerate(texts):
+        assert (text is None) == bool(i % 2)
+        if text is not None:
+            assert text == answers[i % len(bodies)]
+    wait_for(lambda: gauges(http) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0})
