@@ -16,7 +16,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from slowapi.errors import RateLimitExceeded
 from sse_starlette import EventSourceResponse
@@ -133,12 +133,28 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
     app.state.limiter = make_limiter(settings)
     add_error_handlers(app)
     add_routes(app, settings, state, metrics)
+    document_limits(app, settings)
     add_demo_page(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured: browsers then only call it from its own pages
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+def document_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states this server's own limits on max_tokens and n (the context and the
+    vocabulary are the model's, known once it has loaded: those stay 400s)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            fields = generate()["components"]["schemas"]["CompletionRequest"]["properties"]
+            fields["max_tokens"]["maximum"] = settings.max_tokens_limit
+            fields["n"]["maximum"] = settings.max_n
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -172,8 +188,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMetrics) -> None:
-    """/health and /metrics are open; with API keys, /v1/* and /info need one."""
-    keyed = [Depends(key_guard(settings))]
+    """/health and /metrics are open; with API keys, /v1/* and /info need one (and only then does
+    the OpenAPI document declare Bearer security)."""
+    keyed = [Depends(key_guard(settings))] if settings.keys() else []
 
     def ready():
         if state["served"] is None:
@@ -208,9 +225,9 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             "rate_limit": settings.rate_limit or None, "api_keys": bool(settings.keys()),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def completions(body: CompletionRequest, request: Request, response: Response):
         # `request` and `response` are also what slowapi's decorator reads and writes its headers into
@@ -249,7 +266,12 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
 
     if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
         completions = app.state.limiter.limit(settings.rate_limit)(completions)
-    app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, dependencies=keyed)(completions)
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+    streamed = {200: {"content": {"text/event-stream": {"schema": event}},  # the schema of each event
+                      "description": "JSON; with stream=true, server-sent events whose data is a JSON chunk, "
+                                     "the last one [DONE]"}}
+    app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **streamed},
+             dependencies=keyed)(completions)
 
 
 def add_demo_page(app: FastAPI) -> None:

@@ -4,11 +4,13 @@ The edge validates (bounds live here, errors name the field); the engine trusts 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
@@ -41,14 +43,6 @@ class CompletionRequest(BaseModel):
     typical_epsilon: float = Field(0.09, gt=0.0, le=1.0)
     typical_delta: float = Field(0.3, gt=0.0, le=1.0)
     ignore_eos: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, prompt: Prompt) -> Prompt:
-        parts = [prompt] if isinstance(prompt, str) else [prompt, *(p for p in prompt if not isinstance(p, int))]
-        if any(len(p) == 0 for p in parts):
-            raise ValueError("prompt must not be empty (nor any of its prompts)")
-        return prompt
 
     @field_validator("stop")
     @classmethod

@@ -338,3 +338,12 @@ def test_clients_that_drop_mid_stream_leave_the_others_untouched(base_url, http)
         if text is not None:
             assert text == answers[i % len(bodies)]
     wait_for(lambda: gauges(http) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0})
+
+
+def test_soak_script_at_a_small_size():
+    run = subprocess.run([sys.executable, "-m", "scripts.soak", "--minutes", "0.1", "--concurrency", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(run.stdout[run.stdout.index("{"):])
+    assert result["requests"] >= 2 and result["errors"] == 0
+    assert result["rss_mb"]["start"] > 0 and result["latency_s"]["p50"] > 0
