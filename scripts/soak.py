@@ -60,7 +60,7 @@ async def one(client: httpx.AsyncClient, rng: random.Random) -> tuple[bool, floa
             if r.status_code != 200:
                 return False, time.perf_counter() - start, f"HTTP {r.status_code}"
             data = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
-        if data[-1:] != ["[DONE]"] or any('"error"' in d for d in data):
+        if data[-1:] != ["[DONE]"] or any("error" in json.loads(d) for d in data[:-1]):
             return False, time.perf_counter() - start, f"stream ended with {data[-2:]}"
         return True, time.perf_counter() - start, ""
     except httpx.HTTPError as e:

@@ -347,3 +347,15 @@ def test_soak_script_at_a_small_size():
     result = json.loads(run.stdout[run.stdout.index("{"):])
     assert result["requests"] >= 2 and result["errors"] == 0
     assert result["rss_mb"]["start"] > 0 and result["latency_s"]["p50"] > 0
+
+
+def test_a_request_cannot_change_what_is_served(http, settings):
+    info = http.get("/info").json()
+    sneaky = {"prompt": "def f():", "max_tokens": 2, "model_name": "/etc", "medusa_heads": "/tmp",
+              "medusa_choices": "mc_sim_7b_63", "device": "cuda", "dtype": "float16", "api_keys": "mine"}
+    assert http.post("/v1/completions", json=sneaky).status_code == 200  # unknown fields are ignored
+    assert_error_shape(http.post("/v1/completions", json={"prompt": "x", "model": "/etc/passwd"}), 404)
+    assert http.get("/info").json() | {"running": 0, "waiting": 0, "steps_by_batch_size": {}} == \
+        info | {"running": 0, "waiting": 0, "steps_by_batch_size": {}}
+    for method in ("PUT", "PATCH", "DELETE"):
+        assert http.request(method, "/info").status_code == 405
