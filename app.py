@@ -37,7 +37,8 @@ log = logging.getLogger("medusa")
 STATIC = Path(__file__).with_name("static")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503, 504)}
 FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports per union branch
-    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "prompt": "must be a non-empty string, or a non-empty list of non-empty strings, of token ids (>= 0), or of "
+              "non-empty lists of token ids",
     "stop": "must be a string or a list of strings",
 }
 
@@ -266,7 +267,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
 
     if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
         completions = app.state.limiter.limit(settings.rate_limit)(completions)
-    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
     streamed = {200: {"content": {"text/event-stream": {"schema": event}},  # the schema of each event
                       "description": "JSON; with stream=true, server-sent events whose data is a JSON chunk, "
                                      "the last one [DONE]"}}
