@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from batch_processor import DynamicBatcher, EngineFailure, QueueFull, RequestTimeout
-from completions import BadRequest, Completion, Limits
+from completions import BadRequest, Completion, Limits, max_prompt_chars
 from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from metrics import ServiceMetrics
@@ -48,6 +48,7 @@ class Served:
     engine: Engine
     tree: Tree
     deepspeed: bool
+    max_prompt_chars: int  # longer prompt texts are refused untokenised
 
 
 def load_served(settings: Settings) -> Served:
@@ -58,7 +59,7 @@ def load_served(settings: Settings) -> Served:
                                          revision=settings.revision)
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context)
-    return Served(engine, tree, settings.deepspeed)
+    return Served(engine, tree, settings.deepspeed, max_prompt_chars(tokenizer, engine.max_context))
 
 
 def choose_tree(settings: Settings, num_heads: int) -> Tree:
@@ -239,8 +240,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return error(404, f"model {body.model!r} is not served here; this server serves {settings.model_id()!r}",
                          "model")
         engine = served.engine
-        limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n,
-                        engine.model.config.vocab_size, engine.model.num_heads > 0 and served.tree.num_nodes > 1)
+        limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n, engine.model.config.vocab_size,
+                        engine.model.num_heads > 0 and served.tree.num_nodes > 1, served.max_prompt_chars)
         try:
             completion = Completion(body, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics,
                                     settings.request_timeout_s)

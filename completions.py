@@ -36,6 +36,14 @@ class Limits:
     max_n: int
     vocab_size: int
     speculative_default: bool
+    max_prompt_chars: int  # a longer text cannot fit the context: refused before it is tokenised
+
+
+def max_prompt_chars(tokenizer: PreTrainedTokenizerBase, max_context: int) -> int:
+    """Characters beyond which a text has more tokens than the context holds, whatever it says: the
+    context times the longest token's text (twice, for what normalisers and markers add)."""
+    longest = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
+    return 2 * max_context * (longest + 1)
 
 
 def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits) -> list[tuple[str, list[int]]]:
@@ -47,6 +55,8 @@ def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits:
         raise BadRequest(f"{len(prompts)} prompts x n={req.n} choices; at most {limits.max_n} per request", "n")
     out = []
     for p in prompts:
+        if len(p) > limits.max_prompt_chars:  # tokenising a megabyte would hold up every other request
+            raise BadRequest(f"prompt is longer than the context of {limits.max_context} tokens can hold", "prompt")
         if isinstance(p, str):
             ids = tokenizer(p)["input_ids"]
             text = p

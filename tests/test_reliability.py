@@ -20,10 +20,13 @@ import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
 
 from app import Served, create_app, load_served
+from completions import BadRequest, Limits, max_prompt_chars, tokenize
 from engine import Engine
-from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
+from settings import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +46,7 @@ BAD_INPUT = {  # id: (request arguments for httpx, expected status, the `param` 
     "token id out of vocabulary": ({"json": {"prompt": [10**6]}}, 400, "prompt"),
     "negative token id": ({"json": {"prompt": [-1]}}, 400, "prompt"),
     "prompt over the context window": ({"json": {"prompt": "x = 1\n" * 2000, "max_tokens": 8}}, 400, "prompt"),
+    "a prompt of nearly a megabyte": ({"json": {"prompt": "x = 1; " * 130_000}}, 400, "prompt"),
     "max_tokens of the wrong type": ({"json": {"prompt": "x", "max_tokens": "ten"}}, 400, "max_tokens"),
     "max_tokens negative": ({"json": {"prompt": "x", "max_tokens": -1}}, 400, "max_tokens"),
     "max_tokens over the limit": ({"json": {"prompt": "x", "max_tokens": 10**6}}, 400, "max_tokens"),
@@ -359,3 +363,23 @@ def test_a_request_cannot_change_what_is_served(http, settings):
         info | {"running": 0, "waiting": 0, "steps_by_batch_size": {}}
     for method in ("PUT", "PATCH", "DELETE"):
         assert http.request(method, "/info").status_code == 405
+
+
+def test_a_text_that_cannot_fit_is_refused_without_tokenising_it():
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    bound = max_prompt_chars(tokenizer, 512)
+    longest = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
+    for source in sorted(ROOT.glob("*.py")):  # the bound's premise: no token covers more than `longest` characters
+        text = source.read_text()
+        assert len(text) <= len(tokenizer(text)["input_ids"]) * longest
+
+    class Untouchable:
+        def __call__(self, text):
+            raise AssertionError("tokenised a text that cannot fit")
+
+    limits = Limits(512, 16, 4, len(tokenizer), True, bound)
+    with pytest.raises(BadRequest, match="longer than the context") as refused:
+        tokenize(CompletionRequest(prompt="x" * (bound + 1)), Untouchable(), limits)
+    assert refused.value.param == "prompt"
+    with pytest.raises(BadRequest, match="exceeds the context"):  # under the bound: tokenised, then measured
+        tokenize(CompletionRequest(prompt="x = 1\n" * (bound // 6)), tokenizer, limits)
