@@ -101,12 +101,14 @@ def sampling_params(req: CompletionRequest, choice: int) -> SamplingParams:
 
 def piece_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int], start: int, end: int) -> list[str]:
     """The text each of ids[start:end] adds to the decode of the ids before it (a token inside a
-    multi-byte character adds "")."""
-    texts, previous = [], tokenizer.decode(ids[:start], skip_special_tokens=True)
-    for i in range(start + 1, end + 1):
-        current = tokenizer.decode(ids[:i], skip_special_tokens=True)
+    multi-byte character adds ""), each decoded after at most CONTEXT_TOKENS of left context (a
+    character spans at most 4 byte tokens), so that the work grows linearly with the length."""
+    texts = []
+    for i in range(start, end):
+        left = max(0, i - CONTEXT_TOKENS)
+        previous = tokenizer.decode(ids[left:i], skip_special_tokens=True)
+        current = tokenizer.decode(ids[left : i + 1], skip_special_tokens=True)
         texts.append(current[len(previous):] if current.startswith(previous) else "")
-        previous = current
     return texts
 
 

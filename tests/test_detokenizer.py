@@ -6,6 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from completions import piece_texts
 from detokenizer import IncrementalDetokenizer, StopMatcher, TextStream
 
 TEXT = "naïve café — 東京 🚀 déjà vu\n    return x  # ok"
@@ -85,3 +86,18 @@ def test_text_stream_flushes_held_text_at_the_end(toy):
     stream = TextStream(tokenizer, [], ("END",))
     text = "".join(stream.push(t)[0] for t in ids)
     assert text + stream.finish() == "x = 1\nEN"
+
+
+@pytest.mark.parametrize("which", ["byte-level", "sentencepiece-style"])
+def test_logprob_token_texts_equal_full_prefix_decoding(which, toy, sentencepiece_style):
+    """completions.piece_texts decodes with a short left context; the texts equal those of decoding
+    every full prefix (quadratic), over multi-byte characters and across the whole text."""
+    tokenizer = toy[1] if which == "byte-level" else sentencepiece_style
+    text = TEXT * 3 if which == "byte-level" else "the lazy dog jumps over the quick fox " * 4
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = []
+    for i in range(len(ids)):
+        before, after = tokenizer.decode(ids[:i]), tokenizer.decode(ids[: i + 1])
+        full.append(after[len(before):] if after.startswith(before) else "")
+    assert piece_texts(tokenizer, ids, 0, len(ids)) == full
+    assert piece_texts(tokenizer, ids, 7, 20) == full[7:20]
