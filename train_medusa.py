@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         pick = torch.randint(0, len(data), (args.batch,), generator=g)
         ce = trainer.step(data[pick].to(args.device), valid=valid[pick].to(args.device))
         losses.append(ce)
-        bar.set_postfix(ce=" ".join(f"{c:.2f}" for c in ce))
+        bar.set_postfix(ce=" ".join(f"{c:.2f}" for c in ce), refresh=False)
     report = {
         "base_model": args.model,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

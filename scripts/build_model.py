@@ -157,7 +157,7 @@ def train(work: Path, shape: Shape, sched: Schedule, steps: int | None, minutes:
             steps = step + int((minutes * 60 - elapsed) / per_step)
             bar.total = steps
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % sched.eval_every == 0 or step == steps:
             entry = {"step": step, "train_loss": loss.item(), "held_out_loss": held_out_loss(model, held_ids, sched.seq_len),
                      "elapsed_s": round(elapsed), "lr": opt.param_groups[0]["lr"]}

@@ -9,7 +9,7 @@
 # then scripts/tune_tree.py, scripts/eval_model.py and scripts/model_card.py on this machine.
 # tests/test_build_model.py runs this script on the CPU at a tiny size (the variables below).
 set -euo pipefail
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}  # a short log in $OUT
 python=${PYTHON:-python3}
 name=${NAME:-pycoder-14m}
 corpus=${CORPUS:-artifacts/corpus/corpus.tar.xz}
@@ -29,8 +29,8 @@ tar xJf "$corpus" -C "$work/corpus"
 tar cf - -C "$work" "$name" | split -b 15m - "$OUT/model.tar.part-"
 date
 # shellcheck disable=SC2086
-timeout "${HEADS_SECONDS:-330}" "$python" train_medusa.py --model "$work/$name" --out "$work/$name/medusa" --python-sources "$work/corpus" \
-    --heads 4 --shared-lm-head --self-distill --device "$device" $heads
+timeout "${HEADS_SECONDS:-330}" "$python" train_medusa.py --model "$work/$name" --out "$work/$name/medusa" \
+    --python-sources "$work/corpus" --heads 4 --shared-lm-head --self-distill --device "$device" $heads
 date
 tar cf "$OUT/heads.tar" -C "$work" "$name/medusa"
 ls -l "$OUT"
