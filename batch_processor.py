@@ -54,9 +54,9 @@ class Ticket:
         RequestTimeout once time.perf_counter() passes `deadline`."""
         remaining = len(self.requests)
         while remaining:
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                item = await asyncio.wait_for(self.updates.get(), left)
+            try:  # not asyncio.wait_for: on Python 3.11 it can swallow a cancel that lands as an update arrives
+                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.perf_counter())):
+                    item = await self.updates.get()
             except TimeoutError:
                 raise RequestTimeout from None
             if isinstance(item, EngineFailure):
