@@ -23,9 +23,11 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from app import Served, create_app, load_served
+from batch_processor import Ticket, Update
 from completions import BadRequest, Limits, max_prompt_chars, tokenize
 from engine import Engine
 from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
+from sequence import Event, Request
 from settings import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +148,31 @@ def test_a_request_past_its_deadline_gets_504_and_frees_its_slot(settings, wait_
         wait_for(lambda: gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0})
         assert "medusa_request_timeout_total 2.0" in c.get("/metrics").text
         assert c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 4}).status_code == 200
+
+
+def test_a_cancel_that_lands_as_an_update_arrives_is_not_lost():
+    """A client going away cancels the task reading its ticket; an update put in the same instant
+    must not swallow that cancel (asyncio.wait_for on Python 3.11 did), or generation runs on."""
+
+    async def scenario() -> bool:
+        ticket = Ticket([Request("a", [1], max_new_tokens=8)])
+
+        async def read():
+            async for _ in ticket.stream(time.perf_counter() + 300):
+                pass
+
+        reader = asyncio.create_task(read())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the reader now waits for an update
+        ticket.updates.put_nowait(Update(0, Event("a", [5], "x"), None))
+        reader.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        done = reader.done()
+        reader.cancel()
+        return done and reader.cancelled()
+
+    assert asyncio.run(scenario())
 
 
 # ---- faults --------------------------------------------------------------------------------------
