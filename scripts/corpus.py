@@ -108,6 +108,19 @@ def held_out_prompts(tokenizer: PreTrainedTokenizerFast, files: list[SourceFile]
     return prompts
 
 
+def held_out_arguments(description: str, prompts: int) -> argparse.ArgumentParser:
+    """The command line that the scripts decoding held-out prompts share: a model and its heads, the
+    prompts, and the dtype to decode in."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--heads", required=True)
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", help="to decode in; auto: as the service chooses")
+    return parser
+
+
 def pack(files: list[SourceFile], archive: Path) -> None:
     """The files as <root>/<path> in an xz-compressed tar (code compresses about tenfold)."""
     archive.parent.mkdir(parents=True, exist_ok=True)

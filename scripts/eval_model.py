@@ -1,4 +1,4 @@
-"""The bundled model's targets, measured in one run on this machine: held-out loss, how varied its
+"""The bundled model's targets, measured in one run on this machine: held-out loss (in fp32), how varied its
 greedy text is, accepted tokens per step with its default tree, and batch-1 speed of speculative
 vs standard decoding vs Hugging Face generate() on prompts from held-out files.
 
@@ -7,7 +7,6 @@ vs standard decoding vs Hugging Face generate() on prompts from held-out files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from bench_engine import engine_generate, hf_generate
 from load_medusa_from_hf import heads_tree, load_medusa_model, resolve_dtype
-from scripts.corpus import encode, held_out_prompts, model_held_out
+from scripts.corpus import encode, held_out_arguments, held_out_prompts, model_held_out
 from tree import ROOT
 
 
@@ -41,18 +40,11 @@ def distinct_trigrams(text: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--heads", required=True)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser = held_out_arguments(__doc__.splitlines()[0], prompts=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="auto", help="of the decoding runs (the held-out loss is fp32's); "
-                                                        "auto: as the service chooses")
     args = parser.parse_args()
 
-    model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=False)
+    model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=False)  # fp32 for the held-out loss
     held_out = model_held_out(args.model)
     loss, scored = held_out_loss(model.model, tokenizer, held_out)
     dtype = resolve_dtype(args.dtype)

@@ -18,7 +18,6 @@ the next; the one with the most expected tokens per second wins and is written a
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from bench_engine import step_times
 from load_medusa_from_hf import TREE_FILE, load_medusa_model, resolve_dtype
-from scripts.corpus import held_out_prompts, model_held_out
+from scripts.corpus import held_out_arguments, held_out_prompts, model_held_out
 from train_medusa import greedy_continuations
 from tree import ROOT, build_tree
 
@@ -86,15 +85,9 @@ def grow_tree(ranks: torch.Tensor, max_nodes: int) -> list[tuple[tuple[int, ...]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--heads", required=True)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser = held_out_arguments(__doc__.splitlines()[0], prompts=64)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size and round")
     parser.add_argument("--rounds", type=int, default=3, help="the step time of a size is the median of its rounds")
-    parser.add_argument("--dtype", default="auto", help="of the timed steps; auto: as the service chooses")
     args = parser.parse_args()
 
     model, tokenizer = load_medusa_model(args.model, args.heads, dtype=resolve_dtype(args.dtype))
