@@ -3,6 +3,7 @@ prompt and choice); their updates become one JSON response or a stream of SSE ch
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -227,7 +228,7 @@ class Completion:
         item None (the first prompt token) has no log-prob."""
         if self.req.logprobs is None:
             return None
-        offsets = [offset + sum(len(s) for s in strings[:i]) for i in range(len(strings))]
+        offsets = list(itertools.accumulate(map(len, strings), initial=offset))[:-1]
         top = [self._top(item[1]) if item is not None and self.req.logprobs else None for item in items]
         chosen = [None if item is None else item[0] for item in items]
         return Logprobs(tokens=strings, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app import Served, create_app, load_served
 from engine import Engine
 from settings import Settings
+from tests.http_helpers import assert_error, wait_for
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
            "for i in range(10):\n    print("]
@@ -54,14 +55,6 @@ def stream(http, body: dict) -> tuple[list[dict], list[str]]:
 
 def streamed_text(chunks: list[dict], index: int = 0) -> str:
     return "".join(c["text"] for ch in chunks for c in ch["choices"] if c["index"] == index)
-
-
-def assert_error(r: httpx.Response, status: int):
-    assert r.status_code == status
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["code"] == status and body["error"]["message"]
-    return body["error"]
 
 
 # ---- endpoints -------------------------------------------------------------------------------------
@@ -299,13 +292,6 @@ def gated_loader(settings: Settings) -> Served:
     e = served.engine
     served.engine = GatedEngine(e.model, e.tokenizer, e.tree, e.max_batch_size, e.max_context, e.eos_token_ids)
     return served
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_full_queue_answers_429_with_retry_after(settings, wait_ready):

@@ -29,6 +29,7 @@ from engine import Engine
 from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
 from sequence import Event, Request
 from settings import BUNDLED_MODEL
+from tests.http_helpers import assert_error, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,15 +74,6 @@ BAD_INPUT = {  # id: (request arguments for httpx, expected status, the `param` 
 }
 
 
-def assert_error_shape(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    error = body["error"]
-    assert error["code"] == status and error["message"] and "Traceback" not in error["message"]
-    return error
-
-
 def gauges(http) -> dict[str, float]:
     text = http.get("/metrics").text
     return {name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
@@ -91,7 +83,7 @@ def gauges(http) -> dict[str, float]:
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
 def test_bad_input_gets_its_status_and_error_shape(http, case):
     kwargs, status, param = BAD_INPUT[case]
-    error = assert_error_shape(http.post("/v1/completions", **kwargs), status)
+    error = assert_error(http.post("/v1/completions", **kwargs), status)
     if param is not None:
         assert error["param"] == param, error
     assert gauges(http) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
@@ -100,7 +92,7 @@ def test_bad_input_gets_its_status_and_error_shape(http, case):
 @pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
                                                         ("DELETE", "/v1/models", 405), ("POST", "/health", 405)])
 def test_unknown_routes_and_wrong_methods(http, method, path, status):
-    assert_error_shape(http.request(method, path), status)
+    assert_error(http.request(method, path), status)
 
 
 def test_the_server_keeps_serving_after_every_bad_input(http):
@@ -123,13 +115,6 @@ def sse_events(raw: str) -> list[str]:
     return [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 # ---- deadlines -------------------------------------------------------------------------------------
 
 
@@ -138,7 +123,7 @@ def test_a_request_past_its_deadline_gets_504_and_frees_its_slot(settings, wait_
         wait_ready(c.get)
         long = {"prompt": "def f():", "max_tokens": c.get("/info").json()["max_context"] - 8, "ignore_eos": True}
         start = time.perf_counter()
-        error = assert_error_shape(c.post("/v1/completions", json=long), 504)
+        error = assert_error(c.post("/v1/completions", json=long), 504)
         assert time.perf_counter() - start < 2.0 and "0.3 s" in error["message"]
         with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
             events = sse_events("".join(r.iter_text()))
@@ -202,7 +187,7 @@ def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, w
         before = c.post("/v1/completions", json=healthy).json()["choices"][0]["text"]
         FaultyEngine.poison = c.app.state.serving["served"].engine.tokenizer("import poison")["input_ids"]
         bad = {"prompt": "import poison", "max_tokens": 24}
-        error = assert_error_shape(c.post("/v1/completions", json=bad), 500)
+        error = assert_error(c.post("/v1/completions", json=bad), 500)
         assert "secret" not in error["message"] and "injected" not in error["message"]
         with c.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
             events = sse_events("".join(r.iter_text()))
@@ -333,7 +318,7 @@ def test_overload_gets_fast_429s_and_every_accepted_request_its_own_answer(small
     refused = [(r, seconds) for _, r, seconds in results if r.status_code == 429]
     assert len(accepted) + len(refused) == 64 and len(accepted) >= 8 and refused
     for r, seconds in refused:
-        assert_error_shape(r, 429)
+        assert_error(r, 429)
         assert int(r.headers["Retry-After"]) >= 1 and seconds < 1.0
     for i, r in accepted:
         assert r.json()["choices"][0]["text"] == answers[i % len(bodies)]
@@ -385,7 +370,7 @@ def test_a_request_cannot_change_what_is_served(http, settings):
     sneaky = {"prompt": "def f():", "max_tokens": 2, "model_name": "/etc", "medusa_heads": "/tmp",
               "medusa_choices": "mc_sim_7b_63", "device": "cuda", "dtype": "float16", "api_keys": "mine"}
     assert http.post("/v1/completions", json=sneaky).status_code == 200  # unknown fields are ignored
-    assert_error_shape(http.post("/v1/completions", json={"prompt": "x", "model": "/etc/passwd"}), 404)
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "model": "/etc/passwd"}), 404)
     assert http.get("/info").json() | {"running": 0, "waiting": 0, "steps_by_batch_size": {}} == \
         info | {"running": 0, "waiting": 0, "steps_by_batch_size": {}}
     for method in ("PUT", "PATCH", "DELETE"):
