@@ -54,6 +54,8 @@ class Served:
 def load_served(settings: Settings) -> Served:
     """The model, heads, tree and engine the settings describe."""
     dtype = getattr(torch, settings.resolved_dtype())
+    if settings.resolved_device() == "cpu":
+        torch.set_num_threads(settings.resolved_cpu_threads())
     model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
                                          dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
                                          revision=settings.revision)
@@ -220,6 +222,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             "model": settings.model_id(), "model_path": settings.model_name, "heads": settings.heads(),
             "num_heads": engine.model.num_heads, "tree": served.tree.describe(), "device": str(engine.model.device),
             "dtype": str(engine.model.dtype).removeprefix("torch."), "deepspeed": served.deepspeed,
+            "threads": batcher.threads if engine.model.device.type == "cpu" else None,
             "max_batch_size": engine.max_batch_size, "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size, "max_context": engine.max_context,
             "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,

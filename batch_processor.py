@@ -12,6 +12,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import torch
+
 from engine import Batch, Engine
 from metrics import ServiceMetrics
 from sequence import Event, Request, Sequence
@@ -82,6 +84,7 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._step_seconds = 0.05  # running estimate, for Retry-After
+        self.threads: int | None = None  # intra-op threads of the engine thread's CPU ops, once it runs
 
     # ---- asyncio side ----------------------------------------------------------------------------
 
@@ -141,6 +144,7 @@ class DynamicBatcher:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.threads = torch.get_num_threads()  # per thread: the event loop's own count may differ
         try:
             self._serve()
         except BaseException:  # the loop itself broke: answer everyone, refuse new work
@@ -218,23 +222,34 @@ class DynamicBatcher:
 
     def _dispatch(self, events: list[Event], finished: list[Sequence]) -> None:
         done = {s.request.id: s for s in finished}
+        items = []
         for event in events:
             ticket, index = self._owner[event.request_id]
             seq = done.pop(event.request_id, None) if event.finish_reason else None
-            self._send(ticket, Update(index, event, seq))
+            items.append((ticket, Update(index, event, seq)))
         for seq in done.values():  # cancelled: no event of their own
             ticket, index = self._owner[seq.request.id]
-            self._send(ticket, Update(index, Event(seq.request.id, [], "", seq.finish_reason), seq))
+            items.append((ticket, Update(index, Event(seq.request.id, [], "", seq.finish_reason), seq)))
         for request_id in [s.request.id for s in finished]:
             self._owner.pop(request_id, None)
+        self._send(items)
 
     def _fail(self, owners: list[tuple[Ticket, int]]) -> None:
         """Fail these tickets (the details are in the log, not in the answer)."""
-        for ticket in {id(t): t for t, _ in owners}.values():
+        tickets = list({id(t): t for t, _ in owners}.values())
+        for ticket in tickets:
             ticket.cancelled = True  # its choices still waiting are never admitted
             for r in ticket.requests:
                 self._owner.pop(r.id, None)
-            self._send(ticket, EngineFailure("the engine failed while decoding this request"))
+        self._send([(t, EngineFailure("the engine failed while decoding this request")) for t in tickets])
 
-    def _send(self, ticket: Ticket, item: Update | EngineFailure) -> None:
-        self._loop.call_soon_threadsafe(ticket.updates.put_nowait, item)
+    def _send(self, items: list[tuple[Ticket, Update | EngineFailure]]) -> None:
+        """One wake-up of the event loop per step, not one per sequence: each wake-up is a write to
+        the loop's pipe, and the loop thread then takes the GIL from the engine thread."""
+        if items:
+            self._loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[Ticket, Update | EngineFailure]]) -> None:
+    for ticket, item in items:
+        ticket.updates.put_nowait(item)

@@ -4,6 +4,7 @@ Built once at start-up and passed to the app factory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference")
     tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree")
+    cpu_threads: int = Field(0, ge=0, description="torch threads when decoding on the CPU; 0: one per core, less "
+                                                  "the one left to the HTTP event loop")
 
     # batching and limits
     max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one step")
@@ -77,6 +80,11 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_cpu_threads(self) -> int:
+        """Decoding threads that busy-wait on every core make the event loop (and clients on the same
+        machine) preempt them mid-step; vLLM's CPU backend reserves a core for the same reason."""
+        return self.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
 
     def resolved_dtype(self) -> str:
         from load_medusa_from_hf import resolve_dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,12 +69,14 @@ def test_health_models_info_metrics(http, settings):
     assert info["model"] == settings.model_id() and info["num_heads"] >= 1 and info["tree"]["nodes"] > 1
     assert {"device", "dtype", "deepspeed", "max_batch_size", "max_wait_ms", "queue_size"} <= set(info)
     assert info["deepspeed"] is True and info["dtype"] == settings.resolved_dtype()
+    assert info["threads"] == settings.resolved_cpu_threads() == max(1, os.cpu_count() - 1)  # a core for the loop
     http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
     text = http.get("/metrics").text
     for name in ["medusa_requests_running", "medusa_requests_waiting", "medusa_request_success_total",
                  "medusa_prompt_tokens_total", "medusa_generation_tokens_total", "medusa_decode_steps_total",
                  "medusa_time_to_first_token_seconds_bucket", "medusa_inter_token_latency_seconds_bucket",
-                 "medusa_e2e_request_latency_seconds_bucket", "medusa_accepted_tokens_per_step_bucket"]:
+                 "medusa_e2e_request_latency_seconds_bucket", "medusa_accepted_tokens_per_step_bucket",
+                 "process_resident_memory_bytes"]:
         assert name in text
 
 

@@ -4,46 +4,26 @@ RSS at the start and the end, and latency percentiles.
 
     python -m scripts.soak                      # starts `python app.py` on a free port, 10 minutes
     python -m scripts.soak --minutes 1 --concurrency 4
-    python -m scripts.soak --url http://host:8000 --minutes 10   # a running server (RSS not read)
+    python -m scripts.soak --url http://host:8000 --minutes 10   # a running server
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
-import psutil
+
+from loadgen import local_server, server_rss_mb, stream_completion
 
 PROMPTS = ["def read_config(path):", "import numpy as np\n", "class Stack:\n    def __init__(self):",
            "for i in range(10):\n    print(", "def parse_args(argv=None):\n    parser = argparse.",
            "import os\nimport sys\n\n", "    def __repr__(self):\n        return"]
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--log-level", "warning"], cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return server, url
-        except httpx.ConnectError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise SystemExit("the server did not become ready")
 
 
 async def one(client: httpx.AsyncClient, rng: random.Random) -> tuple[bool, float, str]:
@@ -56,18 +36,13 @@ async def one(client: httpx.AsyncClient, rng: random.Random) -> tuple[bool, floa
             r = await client.post("/v1/completions", json=body)
             ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
             return ok, time.perf_counter() - start, "" if ok else f"HTTP {r.status_code}: {r.text[:200]}"
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return False, time.perf_counter() - start, f"HTTP {r.status_code}"
-            data = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
-        if data[-1:] != ["[DONE]"] or any("error" in json.loads(d) for d in data[:-1]):
-            return False, time.perf_counter() - start, f"stream ended with {data[-2:]}"
-        return True, time.perf_counter() - start, ""
+        t = await stream_completion(client, body)
+        return t.ok and t.output_tokens >= 1, t.end, t.error or ("" if t.output_tokens else "no tokens")
     except httpx.HTTPError as e:
         return False, time.perf_counter() - start, repr(e)
 
 
-async def soak(url: str, minutes: float, concurrency: int, pid: int | None, seed: int) -> dict:
+async def soak(url: str, minutes: float, concurrency: int, seed: int) -> dict:
     end = time.monotonic() + 60 * minutes
     latencies, errors, rss = [], [], []
 
@@ -80,18 +55,18 @@ async def soak(url: str, minutes: float, concurrency: int, pid: int | None, seed
                 if not ok:
                     errors.append(why)
 
-    async def sample_rss() -> None:
+    async def sample_rss(client: httpx.AsyncClient) -> None:
         while time.monotonic() < end:
-            rss.append(psutil.Process(pid).memory_info().rss / 2**20)
-            await asyncio.sleep(15)
+            if (mb := await server_rss_mb(client)) is not None:
+                rss.append(mb)
+            await asyncio.sleep(min(15.0, max(0.0, end - time.monotonic())))
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:  # warm-up, not counted
-        await asyncio.gather(*(one(client, random.Random(i)) for i in range(concurrency)))
-    tasks = [worker(i) for i in range(concurrency)] + ([sample_rss()] if pid else [])
-    await asyncio.gather(*tasks)
-    if pid:
-        rss.append(psutil.Process(pid).memory_info().rss / 2**20)
-    q = statistics.quantiles(latencies, n=100)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await asyncio.gather(*(one(client, random.Random(i)) for i in range(concurrency)))  # warm-up, not counted
+        await asyncio.gather(*(worker(i) for i in range(concurrency)), sample_rss(client))
+        if (mb := await server_rss_mb(client)) is not None:
+            rss.append(mb)
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
     return {"minutes": minutes, "concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
             "first_errors": errors[:5], "latency_s": {"p50": round(q[49], 3), "p90": round(q[89], 3),
                                                      "p99": round(q[98], 3), "max": round(max(latencies), 3)},
@@ -106,13 +81,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    server, url = (None, args.url) if args.url else start_server(Path(__file__).resolve().parent.parent)
-    try:
-        result = asyncio.run(soak(url, args.minutes, args.concurrency, server and server.pid, args.seed))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+    with contextlib.nullcontext(args.url.rstrip("/")) if args.url else local_server() as url:
+        result = asyncio.run(soak(url, args.minutes, args.concurrency, args.seed))
     print(json.dumps(result, indent=1))
     if result["errors"]:
         raise SystemExit(1)
