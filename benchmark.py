@@ -261,8 +261,9 @@ def checks(summary: list[dict], baseline: dict | None) -> list[str]:
     if baseline:
         hf = baseline["tokens_per_s"]["hf"]
         if ("standard", 1) in at:
+            http = at["standard", 1]["output_tokens_per_s"]
             lines.append(f"HF generate() in-process: {hf:.1f} tokens/s; standard over HTTP at concurrency 1: "
-                         f"{at['standard', 1]['output_tokens_per_s']:.1f} ({at['standard', 1]['output_tokens_per_s'] / hf:.2f}x)")
+                         f"{http:.1f} ({http / hf:.2f}x)")
         for mode in MODES:
             if (mode, 1) in at:
                 engine_ms, http_ms = 1e3 * baseline["seconds_per_request"][mode], at[mode, 1]["e2e_p50_ms"]
@@ -350,8 +351,9 @@ def main() -> None:
     write_csv(args.out / "requests.csv", request_rows(phases))
     write_csv(args.out / "phases.csv", rows)
     write_csv(args.out / "summary.csv", summary)
+    threads = f", CPU threads: {info['threads']}" if info.get("threads") else ""
     title = (f"{info['model']} ({info['tree']['name']}, {info['tree']['nodes']} nodes), {info['device']} "
-             f"{info['dtype']}{', %s threads' % info['threads'] if info.get('threads') else ''}, max batch {info['max_batch_size']}, {args.max_tokens} tokens per request, "
+             f"{info['dtype']}{threads}, max batch {info['max_batch_size']}, {args.max_tokens} tokens per request, "
              f"median of {args.repeats}")
     plot(summary, args.out / "benchmark.png", title)
     lines = checks(summary, baseline and baseline.result())

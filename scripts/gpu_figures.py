@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bench_engine import step_times
 from engine import Engine
+from kv_cache import KVCache
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
 from sequence import Request
@@ -118,6 +119,53 @@ def hf_generate_tokens_per_s(model: LlamaForCausalLM, prompt_len: int, new: int,
     return {"tokens_per_s": new / min(times), "first_call_s": first}
 
 
+def static_forward(model: MedusaModel, batch: int, tokens: int, kv_len: int, prompt_len: int, steps: int) -> dict:
+    """The verify forward with static shapes: a fixed key length, the mask, positions and cache rows
+    as tensors, no host synchronisation. Median ms of an eager call and, on CUDA, of a replay of it
+    captured as one CUDA graph, with the largest difference between their logits."""
+    dev, cfg = model.device, model.config
+    cuda = dev.type == "cuda"
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, kv_len, head_dim, model.dtype, dev)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g).to(dev)
+    write = prompt_len + torch.arange(tokens, device=dev).expand(batch, tokens)  # [B, T] after the prompt
+    visible = torch.arange(kv_len, device=dev)[None, None, :] <= write[:, :, None]  # [B, T, S]: a chain
+    mask = torch.zeros(batch, 1, tokens, kv_len, dtype=model.dtype, device=dev)
+    mask.masked_fill_(~visible[:, None], torch.finfo(mask.dtype).min)
+    writer = cache.writer(slice(0, batch), write, kv_len)
+
+    def forward() -> torch.Tensor:
+        return model.forward(ids, attention_mask=mask, position_ids=write, cache=writer)[0]
+
+    def median_ms(run) -> float:
+        times = []
+        for _ in range(steps + 3):
+            sync(str(dev))
+            start = time.perf_counter()
+            run()
+            sync(str(dev))
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times[3:])
+
+    with torch.inference_mode():
+        eager = forward().clone()
+        result = {"eager": median_ms(forward)}
+        if cuda:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = forward()
+            result["captured"] = median_ms(graph.replay)
+            result["max_abs_logit_diff"] = (captured.float() - eager.float()).abs().max().item()
+    return result
+
+
 def step_table(model: MedusaModel, tokenizer, batches: tuple[int, ...], prompt_len: int, steps: int) -> dict:
     """Median ms of one engine step by tree and batch, and each tree's cost over the root-only step."""
     g = torch.Generator().manual_seed(1)
@@ -163,10 +211,12 @@ def bundled_parity(device: str, dtype: torch.dtype, prompts: list[str], new: int
 class Report:
     """Figures by section, written to disk after each; a failed section records its error and the run goes on."""
 
-    def __init__(self, path: Path):
-        self.path, self.figures = path, {}
+    def __init__(self, path: Path, only: set[str]):
+        self.path, self.figures, self.only = path, {}, only  # only: run just these sections (empty: all)
 
     def section(self, name: str, fn, *args, **kwargs) -> dict | None:
+        if self.only and name not in self.only:
+            return None
         start = time.perf_counter()
         print(f"--- {name}", flush=True)
         try:
@@ -205,10 +255,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per cell of the step table")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also HF generate() with a static cache and a compiled forward")
-    parser.add_argument("--only-compiled", action="store_true", help="of the 7B sections, only that one")
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=set(),
+                        help="comma-separated sections to run (default: all), e.g. captured_forward_ms")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = Report(args.out / "gpu_figures.json")
+    report = Report(args.out / "gpu_figures.json", args.only | {"environment", "copy_bandwidth_gb_s", "shape"}
+                    if args.only else set())
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     shape, prompt_len, new = (SHAPE_TINY, 16, 16) if args.tiny else (SHAPE_7B, 128, 128)
     prompts = json.loads((ROOT / "benchmark_prompts.json").read_text())["prompts"][: 4 if args.tiny else 16]
@@ -221,10 +273,11 @@ def main() -> None:
     report.section("shape", lambda: {**shape, "parameters": sum(p.numel() for p in model.model.parameters()),
                                      "weight_gb": weight_bytes / 1e9, "dtype": str(dtype), "deepspeed": args.deepspeed,
                                      "floor_ms_per_step": 1e3 * weight_bytes / (bandwidth * 1e9) if bandwidth else None})
-    if args.only_compiled:
-        report.section("hf_generate_static_compiled", hf_generate_tokens_per_s, model.model, prompt_len, new, True)
-        return
     steps = report.section("step_ms", step_table, model, tokenizer, (1, 32), prompt_len, args.steps)
+    plain = MedusaModel(model.model, model.heads)  # the HF model itself: DeepSpeed's wrapper adds a Python call
+    kv_len = max(4 * prompt_len, prompt_len + 128)
+    report.section("captured_forward_ms", lambda: {
+        f"{t}@{b}": static_forward(plain, b, t, kv_len, prompt_len, args.steps) for b in (1, 32) for t in (1, 16, 64)})
     report.section("engine_standard_tokens_per_s", lambda: {
         f"batch_{b}": engine_tokens_per_s(model, tokenizer, b, prompt_len, new, "root") for b in (1, 32)})
     report.section("hf_generate_eager", hf_generate_tokens_per_s, model.model, prompt_len, new, False)

@@ -27,3 +27,5 @@ def test_the_gpu_figures_script_runs_every_section_on_a_toy_shape(tmp_path):
     assert parity["accepted_tokens_per_step"] > 1.0
     assert figures["engine_standard_tokens_per_s"]["batch_32"] > 0 and figures["hf_generate_eager"]["tokens_per_s"] > 0
     assert set(figures["projected_speedup"]) >= {"batch_1", "batch_32"}
+    static = figures["captured_forward_ms"]  # eager only on the CPU: no CUDA graph to capture
+    assert set(static) == {f"{t}@{b}" for t in (1, 16, 64) for b in (1, 32)} and all(v["eager"] > 0 for v in static.values())
