@@ -20,7 +20,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
-COPY app.py batch_processor.py completions.py detokenizer.py engine.py kv_cache.py load_medusa_from_hf.py \
+COPY app.py batch_processor.py completions.py cuda_graphs.py detokenizer.py engine.py kv_cache.py load_medusa_from_hf.py \
      medusa_model.py metrics.py protocol.py sampling.py security.py sequence.py settings.py tree.py ./
 COPY medusa_trees.json ./
 COPY static/ static/

@@ -60,7 +60,8 @@ def load_served(settings: Settings) -> Served:
                                          dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
                                          revision=settings.revision)
     tree = choose_tree(settings, model.num_heads)
-    engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context)
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
+                    cuda_graphs=settings.cuda_graphs)
     return Served(engine, tree, settings.deepspeed, max_prompt_chars(tokenizer, engine.max_context))
 
 
@@ -223,6 +224,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             "num_heads": engine.model.num_heads, "tree": served.tree.describe(), "device": str(engine.model.device),
             "dtype": str(engine.model.dtype).removeprefix("torch."), "deepspeed": served.deepspeed,
             "threads": batcher.threads if engine.model.device.type == "cpu" else None,
+            "cuda_graphs": engine.cuda_graphs,
             "max_batch_size": engine.max_batch_size, "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size, "max_context": engine.max_context,
             "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,

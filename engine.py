@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from cuda_graphs import StepGraphs, batch_bucket, kv_bucket
 from detokenizer import TextStream
 from kv_cache import KVCache
 from medusa_model import MedusaModel
@@ -33,6 +34,8 @@ class Batch:
     proposals: torch.Tensor  # [slots, K, topk] heads' ranked tokens for the next tree
     seqs: list[Sequence]
     trees: list[Tree]
+    host_lengths: list[int]  # lengths, as the host knows them without reading the device
+    graphs: StepGraphs | None  # the verify forward's CUDA graphs (they hold this cache's addresses)
 
     def cancel(self, request_id: str) -> None:
         for seq in self.seqs:
@@ -49,6 +52,7 @@ class Engine:
         max_batch_size: int = 8,
         max_context: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
+        cuda_graphs: bool = True,
     ):
         if tree.depth > model.num_heads:
             raise ValueError(f"tree {tree.name!r} is {tree.depth} deep but the model has {model.num_heads} heads")
@@ -58,6 +62,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context or model.config.max_position_embeddings
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -70,7 +75,8 @@ class Engine:
         )
         zeros = torch.zeros(slots, dtype=torch.long, device=dev)
         proposals = torch.zeros(slots, self.model.num_heads, self.tree.topk, dtype=torch.long, device=dev)
-        return Batch(cache, zeros.clone(), zeros.clone(), proposals, [], [])
+        graphs = StepGraphs() if self.cuda_graphs else None
+        return Batch(cache, zeros.clone(), zeros.clone(), proposals, [], [], [0] * slots, graphs)
 
     def free_slots(self, batch: Batch) -> int:
         return self.max_batch_size - len(batch.seqs)
@@ -105,11 +111,12 @@ class Engine:
         zero = torch.zeros_like(lens)
         score = any(r.score_prompt for r in requests)
         keep = 0 if score else last[:, None]  # every position's logits only when a prompt is scored
-        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), keep)
+        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), t, keep)
         at = last[:, None] if score else torch.zeros_like(last)[:, None]  # [B, 1]: where the next-token logits are
         b_index = torch.arange(len(requests), device=dev)
         first = self._first_tokens(batch.seqs[rows], logits[b_index, at[:, 0]])  # [B]
         batch.lengths[rows] = lens
+        batch.host_lengths[rows] = [len(r.prompt_ids) for r in requests]
         self._set_next(batch, rows, first, hidden[b_index, last])
         logprobs = self._logprobs(batch.seqs[rows], logits, at, first[:, None], [1] * len(lens))
         events = [seq.extend([tok], False, lp) for seq, tok, lp in zip(batch.seqs[rows], first.tolist(), logprobs)]
@@ -142,6 +149,7 @@ class Engine:
         index = torch.tensor(keep, dtype=torch.long, device=batch.lengths.device)
         for t in (batch.lengths, batch.next_tokens, batch.proposals):
             t[: len(keep)] = t[index]
+        batch.host_lengths[: len(keep)] = [batch.host_lengths[i] for i in keep]
         batch.seqs = [batch.seqs[i] for i in keep]
         batch.trees = [batch.trees[i] for i in keep]
         return done
@@ -159,7 +167,26 @@ class Engine:
         return torch.cat([roots, nodes[:, 1:]], dim=1)
 
     def _verify(self, batch: Batch, rows: slice, tokens: torch.Tensor, trees: StepTrees):
-        return self._forward(batch, rows, tokens, batch.lengths[rows], trees.mask, trees.depths)
+        """The tree forward at a static shape: rows and key length rounded up to buckets, captured as a
+        CUDA graph on CUDA. Padding rows are free cache slots whose nodes see only themselves at
+        position 0. Returns the running rows' logits [B, T, V] and hidden states [B, T, H]."""
+        b, t = tokens.shape
+        size = batch_bucket(b, self.max_batch_size)
+        kv_len = kv_bucket(max(batch.host_lengths[rows]) + t, batch.cache.capacity)
+        inputs = [tokens, batch.lengths[rows], trees.mask, trees.depths]
+        if size > b:
+            eye = torch.eye(t, dtype=torch.bool, device=tokens.device).expand(size - b, t, t)
+            inputs = [torch.cat([x, pad]) for x, pad in zip(inputs, (
+                tokens.new_zeros(size - b, t), inputs[1].new_zeros(size - b), eye, tokens.new_zeros(size - b, t)))]
+
+        def forward(*x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._forward(batch, slice(0, size), *x, kv_len)
+
+        if batch.graphs is None:
+            logits, hidden = forward(*inputs)
+        else:
+            logits, hidden = batch.graphs.run((size, t, kv_len), forward, *inputs)
+        return logits[:b], hidden[:b]
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The token after each prompt, from the logits [B, V] at its last position: a root-only step."""
@@ -192,6 +219,7 @@ class Engine:
         rows_index = torch.arange(hidden.shape[0], device=hidden.device)
         self._set_next(batch, rows, acc.tokens.gather(1, last)[:, 0], hidden[rows_index, last_node])
         counts, tokens = acc.count.tolist(), acc.tokens.tolist()
+        batch.host_lengths[rows] = [n + c for n, c in zip(batch.host_lengths[rows], counts)]
         logprobs = self._logprobs(batch.seqs, logits, acc.nodes, acc.tokens, counts)
         return [seq.extend(tok[:c], True, lp) for seq, tok, c, lp in zip(batch.seqs, tokens, counts, logprobs)]
 
@@ -222,11 +250,11 @@ class Engine:
         lengths: torch.Tensor,  # [B] tokens already cached per sequence
         tree_mask: torch.Tensor,  # [B, T, T] bool: node t sees node u
         depths: torch.Tensor,  # [B, T]
+        kv_len: int,  # keys each row reads: at least its length + T (no reading it back from the device)
         logits_to_keep: int | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = tokens.shape
         write = lengths[:, None] + torch.arange(t, device=tokens.device)  # [B, T] cache rows of the new tokens
-        kv_len = int(lengths.max()) + t
         visible = (torch.arange(kv_len, device=tokens.device) < lengths[:, None])[:, None, :].repeat(1, t, 1)
         visible.scatter_(2, write[:, None, :].expand(b, t, t), tree_mask)  # [B, T, S]
         mask = torch.zeros(b, 1, t, kv_len, dtype=self.model.dtype, device=tokens.device)

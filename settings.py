@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference")
     tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay each decode step's forward as a captured CUDA graph")
     cpu_threads: int = Field(0, ge=0, description="torch threads when decoding on the CPU; 0: one per core, less "
                                                   "the one left to the HTTP event loop")
 

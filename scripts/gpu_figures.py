@@ -83,16 +83,25 @@ def copy_bandwidth(device: str, gib: float) -> float:
 
 
 def engine_tokens_per_s(model: MedusaModel, tokenizer, batch: int, prompt_len: int, new: int, tree) -> float:
-    """Output tokens/s of `batch` random prompts decoded together to `new` tokens (greedy, EOS ignored)."""
+    """Output tokens/s of `batch` random prompts decoded together to `new` tokens (greedy, EOS ignored),
+    in steady state as in the server: one batch (one KV cache, its CUDA graphs) for a warm-up round of
+    the same shapes and the timed round."""
     engine = Engine(model, tokenizer, tree=preset(tree) if isinstance(tree, str) else tree, max_batch_size=batch,
                     eos_token_ids=[])
+    state = engine.new_batch()
     g = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
-    requests = [Request(str(i), p, new, ignore_eos=True) for i, p in enumerate(prompts)]
-    engine.generate(requests[:1])  # warm-up
+
+    def run(tag: str) -> None:
+        prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
+        engine.admit(state, [Request(f"{tag}{i}", p, new, ignore_eos=True) for i, p in enumerate(prompts)])
+        while state.seqs:
+            engine.step(state)
+            engine.filter(state)
+
+    run("warm-up ")
     sync(str(model.device))
     start = time.perf_counter()
-    engine.generate(requests)
+    run("")
     sync(str(model.device))
     return batch * new / (time.perf_counter() - start)
 
