@@ -71,7 +71,7 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         capacity = self.max_context + self.tree.num_nodes  # a step writes its whole tree past the prefix
         cache = KVCache(
-            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity, head_dim, self.model.dtype, dev
+            cfg.num_hidden_layers, slots, self.model.kv_heads, capacity, head_dim, self.model.dtype, dev
         )
         zeros = torch.zeros(slots, dtype=torch.long, device=dev)
         proposals = torch.zeros(slots, self.model.num_heads, self.tree.topk, dtype=torch.long, device=dev)

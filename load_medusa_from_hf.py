@@ -189,7 +189,7 @@ def load_medusa_model(
         heads = load_medusa_heads(heads_name, cfg.hidden_size, cfg.vocab_size, revision, cache_dir)
         heads = heads.to(device=device, dtype=dtype)
     runner = wrap_with_deepspeed(model, dtype, tp_size) if deepspeed else None
-    return MedusaModel(model, heads, runner), tokenizer
+    return MedusaModel(model, heads, runner, tp_size if deepspeed else 1), tokenizer
 
 
 def main() -> None:

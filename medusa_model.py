@@ -63,11 +63,18 @@ class MedusaModel:
     """A causal LM plus Medusa heads. Every base forward goes through `runner`: the DeepSpeed
     InferenceEngine when the model is wrapped, else the model itself."""
 
-    def __init__(self, model: PreTrainedModel, heads: MedusaHeads | None = None, runner: nn.Module | None = None):
+    def __init__(self, model: PreTrainedModel, heads: MedusaHeads | None = None, runner: nn.Module | None = None,
+                 tp_size: int = 1):
         self.model = model
         self.heads = heads
         self.runner = runner if runner is not None else model
         self.lm_head = model.get_output_embeddings()
+        self.tp_size = tp_size  # tensor-parallel ranks: each holds 1/tp_size of the attention heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of this rank (the KV cache's shape)."""
+        return self.config.num_key_value_heads // self.tp_size
 
     @property
     def num_heads(self) -> int:

@@ -135,7 +135,7 @@ def static_forward(model: MedusaModel, batch: int, tokens: int, kv_len: int, pro
     dev, cfg = model.device, model.config
     cuda = dev.type == "cuda"
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, kv_len, head_dim, model.dtype, dev)
+    cache = KVCache(cfg.num_hidden_layers, batch, model.kv_heads, kv_len, head_dim, model.dtype, dev)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g).to(dev)
     write = prompt_len + torch.arange(tokens, device=dev).expand(batch, tokens)  # [B, T] after the prompt

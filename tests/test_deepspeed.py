@@ -51,3 +51,14 @@ def test_kernel_injection_is_refused(toy):
         wrap_with_deepspeed(model.model, model.dtype, kernel_inject=True)
     with pytest.raises(ValueError, match="kernel injection"):  # before any weight is read
         load_medusa_model("/nonexistent/model", deepspeed=True, kernel_inject=True)
+
+
+def test_a_tensor_parallel_rank_caches_only_its_share_of_the_kv_heads(toy):
+    """AutoTP gives each of tp_size ranks 1/tp_size of the attention heads, so a rank's KV cache holds
+    that many (with the whole count, the first forward of a 2-rank run failed on the cache's shape)."""
+    model, tokenizer = toy
+    heads = model.config.num_key_value_heads
+    for tp_size in (1, 2):
+        ranked = MedusaModel(model.model, model.heads, tp_size=tp_size)
+        cache = Engine(ranked, tokenizer, max_batch_size=2).new_batch().cache
+        assert ranked.kv_heads == heads // tp_size and cache.k.shape[2] == cache.v.shape[2] == heads // tp_size
