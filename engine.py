@@ -173,11 +173,14 @@ class Engine:
         b, t = tokens.shape
         size = batch_bucket(b, self.max_batch_size)
         kv_len = kv_bucket(max(batch.host_lengths[rows]) + t, batch.cache.capacity)
-        inputs = [tokens, batch.lengths[rows], trees.mask, trees.depths]
+        lengths, mask, depths = batch.lengths[rows], trees.mask, trees.depths
         if size > b:
-            eye = torch.eye(t, dtype=torch.bool, device=tokens.device).expand(size - b, t, t)
-            inputs = [torch.cat([x, pad]) for x, pad in zip(inputs, (
-                tokens.new_zeros(size - b, t), inputs[1].new_zeros(size - b), eye, tokens.new_zeros(size - b, t)))]
+            pad = size - b
+            tokens = torch.cat([tokens, tokens.new_zeros(pad, t)])
+            lengths = torch.cat([lengths, lengths.new_zeros(pad)])
+            mask = torch.cat([mask, torch.eye(t, dtype=torch.bool, device=mask.device).expand(pad, t, t)])
+            depths = torch.cat([depths, depths.new_zeros(pad, t)])
+        inputs = (tokens, lengths, mask, depths)
 
         def forward(*x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self._forward(batch, slice(0, size), *x, kv_len)

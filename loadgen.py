@@ -55,7 +55,10 @@ def _healthy(url: str) -> bool:
 
 async def server_rss_mb(client: httpx.AsyncClient) -> float | None:
     """The server's resident memory (MB) from its /metrics, None where it does not say."""
-    r = await client.get("/metrics")
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
     match = RSS.search(r.content) if r.status_code == 200 else None
     return float(match[1]) / 2**20 if match else None
 
