@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bench_engine import step_times
+from bench_engine import engine_generate, hf_generate, step_times
 from engine import Engine
 from kv_cache import KVCache
 from load_medusa_from_hf import heads_tree, load_medusa_model
@@ -195,24 +195,16 @@ def bundled_parity(device: str, dtype: torch.dtype, prompts: list[str], new: int
     sequences (fp32 must be all), token agreement, accepted tokens per step; fp32 also against HF."""
     model, tokenizer = load_medusa_model(str(BUNDLED_MODEL), str(BUNDLED_MODEL / "medusa"), device=device, dtype=dtype,
                                          deepspeed=False)
-    tree = heads_tree(str(BUNDLED_MODEL / "medusa"))
-    out = {}
-    for name, t in (("standard", preset("root")), ("speculative", tree)):
-        engine = Engine(model, tokenizer, tree=t, max_batch_size=1, eos_token_ids=[])
-        out[name] = [engine.generate([Request(str(i), tokenizer(p)["input_ids"], new)])[0] for i, p in enumerate(prompts)]
-    std, spec = out["standard"], out["speculative"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    _, std = engine_generate(model, tokenizer, preset("root"), ids, new)
+    _, spec = engine_generate(model, tokenizer, heads_tree(str(BUNDLED_MODEL / "medusa")), ids, new)
     same_tokens = sum(a == b for s, p in zip(std, spec) for a, b in zip(s.tokens, p.tokens))
     result = {"dtype": str(dtype).removeprefix("torch."), "prompts": len(prompts), "new_tokens": new,
               "sequences_identical": sum(s.tokens == p.tokens for s, p in zip(std, spec)),
               "token_agreement": same_tokens / sum(len(s.tokens) for s in std),
               "accepted_tokens_per_step": sum(s.decode_tokens for s in spec) / sum(s.decode_steps for s in spec)}
     if dtype == torch.float32:
-        hf = []
-        for p in prompts:
-            ids = torch.tensor([tokenizer(p)["input_ids"]], device=device)
-            seq = model.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                                       min_new_tokens=new, pad_token_id=0)
-            hf.append(seq[0, ids.shape[1]:].tolist())
+        _, hf = hf_generate(model.model, ids, new, tokenizer.pad_token_id or 0)
         result["standard_equals_hf"] = sum(s.tokens == h for s, h in zip(std, hf))
     return result
 
