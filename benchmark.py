@@ -283,9 +283,13 @@ def load_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def requests_at(args: argparse.Namespace, level: int) -> int:
+    return args.requests or max(8, 2 * level)
+
+
 async def run_all(url: str, args: argparse.Namespace, prompts: list[str], baseline: InProcess | None
                   ) -> list[Phase]:
-    counts = {c: args.requests or max(8, 2 * c) for c in args.levels}
+    counts = {c: requests_at(args, c) for c in args.levels}
     top = max(args.levels)
     for mode in args.modes:  # warm-up, discarded: every batch size up to the largest level
         await run_phase(url, mode, top, prompts, top, min(8, args.max_tokens), None, random.Random(0), None)
@@ -339,7 +343,7 @@ def main() -> None:
     flags = ["--model-name", args.model, "--medusa-heads", args.heads, "--max-batch-size",
              str(args.max_batch_size or max(args.levels)), "--queue-size", str(max(64, *args.levels)), *args.server_flag]
     server = contextlib.nullcontext(args.url.rstrip("/")) if args.url else local_server(*flags)
-    first = args.requests or max(8, 2 * min(args.levels))
+    first = requests_at(args, min(args.levels))
     baseline = InProcess(args.model, args.heads, [prompts[i % len(prompts)] for i in range(first)],
                          args.max_tokens) if args.baseline_hf else None
     with server as url:
@@ -356,9 +360,10 @@ def main() -> None:
              f"{info['dtype']}{threads}, max batch {info['max_batch_size']}, {args.max_tokens} tokens per request, "
              f"median of {args.repeats}")
     plot(summary, args.out / "benchmark.png", title)
-    lines = checks(summary, baseline and baseline.result())
+    result = baseline and baseline.result()
+    lines = checks(summary, result)
     (args.out / "run.json").write_text(json.dumps({"command": vars(args) | {"out": str(args.out), "prompts": str(
-        args.prompts)}, "server": info, "baseline": baseline and baseline.result(), "checks": lines}, indent=1) + "\n")
+        args.prompts)}, "server": info, "baseline": result, "checks": lines}, indent=1) + "\n")
     print(f"\n{title}\n{table(summary)}\n" + "\n".join(lines) + f"\nCSVs and plot: {args.out}")
     if any(r["errors"] for r in summary):
         raise SystemExit(1)
