@@ -9,10 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,15 +21,13 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from batch_processor import DynamicBatcher, EngineFailure, QueueFull, RequestTimeout
+from batch_processor import DynamicBatcher, EngineFailure, LoadError, QueueFull, RequestTimeout
 from completions import BadRequest, Completion, Limits, max_prompt_chars
-from engine import Engine
-from load_medusa_from_hf import heads_tree, load_medusa_model
 from metrics import ServiceMetrics
 from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
 from security import key_guard, make_limiter
+from serving import Served, ServedInfo, load_served
 from settings import Settings, settings_from_command_line
-from tree import ROOT, Tree, load_tree, preset
 
 log = logging.getLogger("medusa")
 STATIC = Path(__file__).with_name("static")
@@ -41,37 +37,6 @@ FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports p
               "non-empty lists of token ids",
     "stop": "must be a string or a list of strings",
 }
-
-
-@dataclass
-class Served:
-    engine: Engine
-    tree: Tree
-    deepspeed: bool
-    max_prompt_chars: int  # longer prompt texts are refused untokenised
-
-
-def load_served(settings: Settings) -> Served:
-    """The model, heads, tree and engine the settings describe."""
-    dtype = getattr(torch, settings.resolved_dtype())
-    if settings.resolved_device() == "cpu":
-        torch.set_num_threads(settings.resolved_cpu_threads())
-    model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
-                                         dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
-                                         revision=settings.revision)
-    tree = choose_tree(settings, model.num_heads)
-    engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
-                    cuda_graphs=settings.cuda_graphs)
-    return Served(engine, tree, settings.deepspeed, max_prompt_chars(tokenizer, engine.max_context))
-
-
-def choose_tree(settings: Settings, num_heads: int) -> Tree:
-    """MEDUSA_CHOICES, else the heads' own tree, else mc_sim_7b_63 (root only without heads)."""
-    if settings.medusa_choices:
-        return load_tree(settings.medusa_choices)
-    if not num_heads:
-        return ROOT
-    return heads_tree(settings.medusa_heads, settings.revision) or preset("mc_sim_7b_63")
 
 
 def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -106,32 +71,32 @@ class BodyLimit:
 
 def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_served,
                on_load_failure: Callable[[], None] | None = None) -> FastAPI:
-    """The service; `on_load_failure` is called once the model has failed to load (`python app.py`
-    stops the server and exits non-zero; without it /health stays 503 with the message)."""
+    """The service; `loader` builds what is served, in the engine process (so it must pickle: a
+    module-level function). `on_load_failure` is called once the model has failed to load (`python
+    app.py` stops the server and exits non-zero; without it /health stays 503 with the message)."""
     metrics = ServiceMetrics()
-    state: dict = {"served": None, "batcher": None, "load_error": None}
+    state: dict = {"served": None, "limits": None, "batcher": None, "load_error": None}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        batcher = state["batcher"] = DynamicBatcher(settings, loader, metrics)
+
         async def load():
             try:
-                served = await asyncio.to_thread(loader, settings)
-            except Exception as e:
-                log.exception("model failed to load")
-                state["load_error"] = f"model failed to load: {e}"
+                served = await batcher.start()
+            except LoadError as e:
+                state["load_error"] = str(e)
                 if on_load_failure is not None:
                     on_load_failure()
                 return
-            batcher = DynamicBatcher(served.engine, settings.max_wait_ms, settings.queue_size, metrics)
-            batcher.start()
-            state["served"], state["batcher"] = served, batcher
-            log.info("serving %s on %s", settings.model_id(), served.engine.model.device)
+            state["limits"] = await asyncio.to_thread(limits_of, served, settings)
+            state["served"] = served
+            log.info("serving %s on %s", settings.model_id(), served.device)
 
         task = asyncio.create_task(load())
         yield
-        task.cancel()  # a load still running in its thread is abandoned
-        if state["batcher"] is not None:
-            await state["batcher"].stop()
+        task.cancel()
+        await batcher.stop()  # also stops a load still running
 
     app = FastAPI(title="Medusa completions", lifespan=lifespan, responses=ERRORS)
     app.state.settings, app.state.metrics, app.state.serving = settings, metrics, state
@@ -145,6 +110,11 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+def limits_of(served: ServedInfo, settings: Settings) -> Limits:
+    return Limits(served.max_context, settings.max_tokens_limit, settings.max_n, served.vocab_size,
+                  served.speculative, max_prompt_chars(served.tokenizer, served.max_context))
 
 
 def document_limits(app: FastAPI, settings: Settings) -> None:
@@ -218,15 +188,14 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
         served, not_ready = ready()
         if not_ready:
             return not_ready
-        engine, batcher = served.engine, state["batcher"]
+        batcher = state["batcher"]
         return {
             "model": settings.model_id(), "model_path": settings.model_name, "heads": settings.heads(),
-            "num_heads": engine.model.num_heads, "tree": served.tree.describe(), "device": str(engine.model.device),
-            "dtype": str(engine.model.dtype).removeprefix("torch."), "deepspeed": served.deepspeed,
-            "threads": batcher.threads if engine.model.device.type == "cpu" else None,
-            "cuda_graphs": engine.cuda_graphs,
-            "max_batch_size": engine.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-            "queue_size": settings.queue_size, "max_context": engine.max_context,
+            "num_heads": served.num_heads, "tree": served.tree.describe(), "device": served.device,
+            "dtype": served.dtype, "deepspeed": served.deepspeed, "threads": served.threads,
+            "cuda_graphs": served.cuda_graphs, "engine_pid": batcher.pid,
+            "max_batch_size": served.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+            "queue_size": settings.queue_size, "max_context": served.max_context,
             "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,
             "waiting": batcher.waiting, "steps_by_batch_size": dict(sorted(batcher.batch_sizes.items())),
             "rate_limit": settings.rate_limit or None, "api_keys": bool(settings.keys()),
@@ -244,12 +213,9 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
         if body.model is not None and body.model != settings.model_id():
             return error(404, f"model {body.model!r} is not served here; this server serves {settings.model_id()!r}",
                          "model")
-        engine = served.engine
-        limits = Limits(engine.max_context, settings.max_tokens_limit, settings.max_n, engine.model.config.vocab_size,
-                        engine.model.num_heads > 0 and served.tree.num_nodes > 1, served.max_prompt_chars)
         try:
-            completion = Completion(body, settings.model_id(), engine.tokenizer, limits, state["batcher"], metrics,
-                                    settings.request_timeout_s)
+            completion = Completion(body, settings.model_id(), served.tokenizer, state["limits"], state["batcher"],
+                                    metrics, settings.request_timeout_s)
             if len(completion.requests) > settings.queue_size + settings.max_batch_size:
                 raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
             ticket = completion.submit()

@@ -1,22 +1,25 @@
-"""The asyncio front of the engine: a bounded FIFO queue of requests and ONE thread that owns the
-model and runs the engine loop (continuous batching: arrivals join the running batch at the next
-step, finished sequences leave it). Each HTTP request gets a Ticket whose asyncio queue receives
-its sequences' events."""
+"""The asyncio front of the engine: the HTTP process's side of the ONE engine process that owns the
+model and runs the engine loop (engine_core.py: continuous batching, arrivals join the running batch
+at the next step, finished sequences leave it). The front admits requests into a bounded queue,
+sends them and their cancels to the engine process, and hands each round's events to the HTTP
+requests' Tickets, whose asyncio queues their completions read."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import multiprocessing
+import os
 import time
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from engine import Batch, Engine
+from engine_core import Cancel, Done, LoadFailed, Report, Submit, serve
 from metrics import ServiceMetrics
-from sequence import Event, Request, Sequence
+from sequence import Event, Request
+from serving import Served, ServedInfo
+from settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +38,24 @@ class RequestTimeout(Exception):
     """The request's deadline passed before all its sequences finished."""
 
 
+class LoadError(Exception):
+    """The engine process could not load the model (the reason is in the message and the log)."""
+
+
 @dataclass(frozen=True)
 class Update:
     index: int  # the choice this event belongs to
     event: Event
-    sequence: Sequence | None  # set on the sequence's last event
+    done: Done | None  # set on the sequence's last event
 
 
 @dataclass
 class Ticket:
-    """One HTTP request's sequences (its choices) and the updates the engine thread sends them."""
+    """One HTTP request's sequences (its choices) and the updates the engine sends them."""
 
     requests: list[Request]
     arrival: float = field(default_factory=time.perf_counter)
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # Update | EngineFailure
-    cancelled: bool = False
 
     async def stream(self, deadline: float | None = None):
         """Updates until every sequence has finished; raises EngineFailure if its step failed and
@@ -63,70 +69,79 @@ class Ticket:
                 raise RequestTimeout from None
             if isinstance(item, EngineFailure):
                 raise item
-            remaining -= item.sequence is not None
+            remaining -= item.done is not None
             yield item
 
 
+
 class DynamicBatcher:
-    def __init__(self, engine: Engine, max_wait_ms: float, queue_size: int, metrics: ServiceMetrics):
-        self.engine = engine
-        self.max_wait = max_wait_ms / 1000
-        self.queue_size = queue_size
-        self.metrics = metrics
+    STOP_TIMEOUT_S = 30.0  # for the engine process to finish its round and exit
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], Served], metrics: ServiceMetrics):
+        self.settings, self.loader, self.metrics = settings, loader, metrics
+        self.queue_size = settings.queue_size
+        self.info: ServedInfo | None = None  # once loaded
         self.batch_sizes: Counter[int] = Counter()  # decode steps by running sequences
-        self._waiting: deque[tuple[Ticket, int]] = deque()
-        self._owner: dict[str, tuple[Ticket, int]] = {}  # request id -> (ticket, choice index), running
-        self._cancel: set[str] = set()
-        self._running = 0  # sequences in the running batch, as of the last round
-        self.dead = False  # the engine loop has stopped for good
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.dead = False  # the engine process has stopped for good
+        self._owner: dict[str, tuple[Ticket, int]] = {}  # request id -> (ticket, choice), in the engine process
+        self._waiting: set[str] = set()  # of those, not admitted yet
         self._step_seconds = 0.05  # running estimate, for Retry-After
-        self.threads: int | None = None  # intra-op threads of the engine thread's CPU ops, once it runs
+        self._process: multiprocessing.Process | None = None
+        self._stopping = False
 
-    # ---- asyncio side ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+    async def start(self) -> ServedInfo:
+        """Start the engine process; return once it has loaded the model (LoadError if it could not)."""
+        spawn = multiprocessing.get_context("spawn")  # fork is unsafe with CUDA and with threads running
+        self._inbox = spawn.Queue()
+        self._conn, sender = spawn.Pipe(duplex=False)
+        self._process = spawn.Process(target=serve, args=(self.loader, self.settings, self._inbox, sender),
+                                      name="medusa-engine", daemon=True)
+        self._process.start()
+        sender.close()  # the engine process holds its own end: the pipe reads EOF when it exits
+        self.metrics.watch_engine(self._process.pid)
+        loop = asyncio.get_running_loop()
+        self._loaded = loop.create_future()
+        loop.add_reader(self._conn.fileno(), self._receive)
+        os.set_blocking(self._conn.fileno(), True)  # uvloop's add_reader made it non-blocking; recv() reads
+        # a whole message, which may still be arriving: a non-blocking read would fail half-way
+        return await self._loaded
 
     async def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        with self._cv:
-            owners = list(self._owner.values()) + list(self._waiting)
-            self._waiting.clear()
-        self._fail(owners)
+        """Let the engine process finish its round and exit; fail whatever was still in it."""
+        if self._process is None:
+            return
+        self._stopping = True
+        if self._process.is_alive():
+            self._inbox.put(None)
+            await asyncio.to_thread(self._process.join, self.STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+        self._gone()
 
     def submit(self, requests: list[Request]) -> Ticket:
         """Queue all of a request's sequences, or none (QueueFull)."""
+        if self.dead:
+            raise EngineFailure("the engine has stopped; see the server log")
+        if len(self._owner) + len(requests) > self.queue_size + self.info.max_batch_size:  # the queue + the batch
+            raise QueueFull(self._retry_after())
         ticket = Ticket(requests)
-        with self._cv:
-            if self.dead:
-                raise EngineFailure("the engine has stopped; see the server log")
-            room = self.queue_size + self.engine.max_batch_size - self._running  # the queue + free slots
-            if len(self._waiting) + len(requests) > room:
-                raise QueueFull(self._retry_after())
-            self._waiting.extend((ticket, i) for i in range(len(requests)))
-            self.metrics.waiting.set(len(self._waiting))
-            self._cv.notify()
+        for i, r in enumerate(requests):
+            self._owner[r.id] = (ticket, i)
+            self._waiting.add(r.id)
+        self._inbox.put(Submit(requests))
+        self.metrics.waiting.set(len(self._waiting))
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """Drop the ticket's waiting sequences now and its running ones at the next step."""
-        with self._cv:
-            ticket.cancelled = True
-            if any(t is ticket for t, _ in self._waiting):
-                self._waiting = deque(entry for entry in self._waiting if entry[0] is not ticket)
-                self.metrics.waiting.set(len(self._waiting))
-            self._cancel.update(r.id for r in ticket.requests)
-            self._cv.notify()
+        """Drop the ticket's waiting sequences and end its running ones at the engine's next round; a
+        no-op once they have all finished."""
+        ids = [r.id for r in ticket.requests if r.id in self._owner]
+        if ids and not self.dead:
+            self._inbox.put(Cancel(ids))
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     @property
     def waiting(self) -> int:
@@ -134,122 +149,84 @@ class DynamicBatcher:
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._owner) - len(self._waiting)
 
     def _retry_after(self) -> float:
         """Seconds until a slot is likely free: the queue ahead, drained a batch per few steps."""
-        per_slot = self._step_seconds * 16 / self.engine.max_batch_size
+        per_slot = self._step_seconds * 16 / self.info.max_batch_size
         return max(1.0, round(per_slot * (len(self._waiting) + 1)))
 
-    # ---- engine thread -----------------------------------------------------------------------
+    # ---- what the engine process sends -----------------------------------------------------------
 
-    def _run(self) -> None:
-        self.threads = torch.get_num_threads()  # per thread: the event loop's own count may differ
+    def _receive(self) -> None:
+        """The pipe is readable (the event loop calls this): take every message there."""
         try:
-            self._serve()
-        except BaseException:  # the loop itself broke: answer everyone, refuse new work
-            log.exception("the engine loop stopped")
-            with self._cv:
-                self.dead = True
-                owners = list(self._owner.values()) + list(self._waiting)
-                self._waiting.clear()
-            self._fail(owners)
+            while self._conn.poll():
+                message = self._conn.recv()
+                if isinstance(message, Report):
+                    self._dispatch(message)
+                elif isinstance(message, LoadFailed):
+                    self._loaded.set_exception(LoadError(message.message))
+                else:
+                    self.info = message
+                    self._loaded.set_result(message)
+        except (EOFError, OSError):  # the engine process exited
+            self._gone()
 
-    def _serve(self) -> None:
-        batch = self.engine.new_batch()
-        while True:
-            arrivals, cancels = self._next_arrivals(batch)
-            if arrivals is None:
-                return
-            for request_id in cancels:
-                batch.cancel(request_id)
-            start = time.perf_counter()
-            try:
-                events, finished = self._round(batch, arrivals)
-            except Exception:  # one failed step fails its requests, never the loop
-                log.exception("engine step failed")
-                owners = [self._owner[s.request.id] for s in batch.seqs]
-                self._fail(owners + [self._owner[r.id] for r in arrivals if r.id in self._owner])
-                events, finished = [], []
-                batch.seqs.clear()
-                batch = None  # free the old cache before allocating the new one
-                batch = self.engine.new_batch()
-            else:
-                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - start)
-                self._dispatch(events, finished)
-            with self._cv:
-                self._running = len(batch.seqs)
-            self.metrics.running.set(len(batch.seqs))
-
-    def _next_arrivals(self, batch: Batch) -> tuple[list[Request] | None, set[str]]:
-        """Block while there is nothing to do; when the engine is idle, gather arrivals for up to
-        max_wait; then pop FIFO into the free slots. (None, ...) when stopping."""
-        with self._cv:
-            while not self._waiting and not batch.seqs and not self._stopping:
-                self._cv.wait()
-            if self._stopping:
-                return None, set()
-            if not batch.seqs and self.max_wait > 0:
-                deadline = time.perf_counter() + self.max_wait
-                while len(self._waiting) < self.engine.max_batch_size and not self._stopping:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cv.wait(left)
-            arrivals = []
-            while self._waiting and len(arrivals) < self.engine.free_slots(batch):
-                ticket, index = self._waiting.popleft()
-                if not ticket.cancelled:
-                    arrivals.append(ticket.requests[index])
-                    self._owner[ticket.requests[index].id] = (ticket, index)
-            cancels, self._cancel = self._cancel, set()
-            self._running += len(arrivals)  # counted from now, so that submit() never overbooks
-            self.metrics.waiting.set(len(self._waiting))
-        return arrivals, cancels
-
-    def _round(self, batch: Batch, arrivals: list[Request]) -> tuple[list[Event], list[Sequence]]:
-        events = self.engine.admit(batch, arrivals)
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in arrivals))
-        finished = self.engine.filter(batch)
-        if batch.seqs:
-            self.batch_sizes[len(batch.seqs)] += 1
-            self.metrics.batch_size.observe(len(batch.seqs))
-            self.metrics.decode_steps.inc()
-            events += self.engine.step(batch)
-            finished += self.engine.filter(batch)
-        self.metrics.generation_tokens.inc(sum(len(e.token_ids) for e in events))
-        return events, finished
-
-    def _dispatch(self, events: list[Event], finished: list[Sequence]) -> None:
-        done = {s.request.id: s for s in finished}
-        items = []
-        for event in events:
-            ticket, index = self._owner[event.request_id]
-            seq = done.pop(event.request_id, None) if event.finish_reason else None
-            items.append((ticket, Update(index, event, seq)))
-        for seq in done.values():  # cancelled: no event of their own
-            ticket, index = self._owner[seq.request.id]
-            items.append((ticket, Update(index, Event(seq.request.id, [], "", seq.finish_reason), seq)))
-        for request_id in [s.request.id for s in finished]:
+    def _dispatch(self, report: Report) -> None:
+        self._waiting.difference_update(report.admitted + report.dropped)
+        done = dict(report.done)
+        for event in report.events:
+            if event.request_id in self._owner:  # else its ticket has failed
+                ticket, index = self._owner[event.request_id]
+                end = done.pop(event.request_id, None) if event.finish_reason else None  # on its last event
+                ticket.updates.put_nowait(Update(index, event, end))
+        for request_id, end in done.items():  # cancelled: no event of their own
+            if request_id in self._owner:
+                ticket, index = self._owner[request_id]
+                ticket.updates.put_nowait(Update(index, Event(request_id, [], "", end.finish_reason), end))
+        for request_id in [*report.done, *report.dropped]:
             self._owner.pop(request_id, None)
-        self._send(items)
+        if report.failed:
+            self._fail(report.failed)
+        self._count(report)
 
-    def _fail(self, owners: list[tuple[Ticket, int]]) -> None:
-        """Fail these tickets (the details are in the log, not in the answer)."""
-        tickets = list({id(t): t for t, _ in owners}.values())
+    def _count(self, report: Report) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(report.prompt_tokens)
+        m.generation_tokens.inc(sum(len(e.token_ids) for e in report.events))
+        if report.batch_size:
+            self.batch_sizes[report.batch_size] += 1
+            m.batch_size.observe(report.batch_size)
+            m.decode_steps.inc()
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * report.seconds
+        m.running.set(self.running)
+        m.waiting.set(len(self._waiting))
+
+    def _fail(self, request_ids: list[str]) -> None:
+        """Fail the tickets of these requests (the details are in the log, not in the answer), and
+        cancel their other choices."""
+        tickets = list({id(t): t for t, _ in map(self._owner.get, request_ids) if t is not None}.values())
         for ticket in tickets:
-            ticket.cancelled = True  # its choices still waiting are never admitted
+            self.cancel(ticket)
             for r in ticket.requests:
                 self._owner.pop(r.id, None)
-        self._send([(t, EngineFailure("the engine failed while decoding this request")) for t in tickets])
+                self._waiting.discard(r.id)
+            ticket.updates.put_nowait(EngineFailure("the engine failed while decoding this request"))
+        self.metrics.running.set(self.running)
+        self.metrics.waiting.set(len(self._waiting))
 
-    def _send(self, items: list[tuple[Ticket, Update | EngineFailure]]) -> None:
-        """One wake-up of the event loop per step, not one per sequence: each wake-up is a write to
-        the loop's pipe, and the loop thread then takes the GIL from the engine thread."""
-        if items:
-            self._loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[Ticket, Update | EngineFailure]]) -> None:
-    for ticket, item in items:
-        ticket.updates.put_nowait(item)
+    def _gone(self) -> None:
+        """The engine process has exited: refuse new work and fail all work in flight."""
+        if self.dead:
+            return
+        self.dead = True
+        self._process.join(1.0)  # it has closed its end of the pipe: it is exiting
+        asyncio.get_running_loop().remove_reader(self._conn.fileno())
+        self._conn.close()
+        if not self._loaded.done():
+            self._loaded.set_exception(LoadError(f"the engine process exited ({self._process.exitcode})"))
+        elif not self._stopping:
+            log.error("the engine process exited (code %s); failing the requests in flight", self._process.exitcode)
+        self._fail(list(self._owner))
+        self._inbox.cancel_join_thread()  # nothing reads it any more: exiting must not wait on it

@@ -111,6 +111,8 @@ def phase_stats(p: Phase) -> dict:
                          ("itl", [gap for t in ok for gap in t.itl]), ("e2e", [t.end for t in ok])):
         for q, v in zip(PERCENTILES, percentiles(values)):
             row[f"{name}_p{q}_ms"] = None if v is None else 1e3 * v
+    overheads = [t.end * 1e3 / t.engine_ms - 1 for t in ok if t.engine_ms]  # over the engine's own time for it
+    row["http_overhead_p50"] = statistics.median(overheads) if overheads else None
     row["peak_rss_mb"] = p.peak_rss_mb
     return row
 
@@ -172,7 +174,8 @@ def request_rows(phases: list[Phase]) -> list[dict]:
                          "error": t.error, "prompt_tokens": t.prompt_tokens, "output_tokens": t.output_tokens,
                          "ttft_ms": t.ttft and 1e3 * t.ttft, "tpot_ms": t.tpot and 1e3 * t.tpot,
                          "e2e_ms": 1e3 * t.end, "chunks": len(t.chunks), "decode_steps": t.decode_steps,
-                         "accepted_tokens_per_step": t.accepted_per_step, "server_ms": t.server_ms})
+                         "accepted_tokens_per_step": t.accepted_per_step, "server_ms": t.server_ms,
+                         "engine_ms": t.engine_ms})
     return rows
 
 
@@ -209,7 +212,7 @@ class InProcess:
     per repeat, between the HTTP phases, so that machine drift hits them too."""
 
     def __init__(self, model: str, heads: str, prompts: list[str], max_tokens: int):
-        from app import load_served
+        from serving import load_served
         from settings import Settings
 
         self.engine = load_served(Settings(model_name=model, medusa_heads=heads, max_batch_size=1)).engine
@@ -258,6 +261,10 @@ def checks(summary: list[dict], baseline: dict | None) -> list[str]:
         one = at["standard", 1]["output_tokens_per_s"]
         lines.append("standard output tokens/s vs concurrency 1: " + ", ".join(
             f"{c}: {at['standard', c]['output_tokens_per_s'] / one:.2f}x" for c in levels[1:] if ("standard", c) in at))
+    for mode in MODES:
+        if (mode, 1) in at and at[mode, 1]["http_overhead_p50"] is not None:
+            lines.append(f"{mode} at concurrency 1: end-to-end over the server engine's own time for the same "
+                         f"request, median {100 * at[mode, 1]['http_overhead_p50']:+.1f}%")
     if baseline:
         hf = baseline["tokens_per_s"]["hf"]
         if ("standard", 1) in at:
@@ -268,7 +275,7 @@ def checks(summary: list[dict], baseline: dict | None) -> list[str]:
             if (mode, 1) in at:
                 engine_ms, http_ms = 1e3 * baseline["seconds_per_request"][mode], at[mode, 1]["e2e_p50_ms"]
                 lines.append(f"{mode} at concurrency 1, median per request: {http_ms:.0f} ms over HTTP, "
-                             f"{engine_ms:.0f} ms in-process engine ({100 * (http_ms / engine_ms - 1):+.1f}%)")
+                             f"{engine_ms:.0f} ms in-process engine in this process ({100 * (http_ms / engine_ms - 1):+.1f}%)")
         lines.append(f"in-process outputs: standard == HF generate(): {baseline['standard_equals_hf']}; "
                      f"speculative == standard: {baseline['speculative_equals_standard']}")
     return lines

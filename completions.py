@@ -125,6 +125,7 @@ class ChoiceState:
     finish_reason: str | None = None
     decode_steps: int = 0
     decode_tokens: int = 0
+    engine_seconds: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # [None] (the first token) + the rest, when scored
 
     def prompt_texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -145,9 +146,10 @@ class ChoiceState:
         if e.prompt_logprobs is not None:
             self.prompt_logprobs = [None, *e.prompt_logprobs]
         self.finish_reason = e.finish_reason
-        if update.sequence is not None:
-            self.decode_steps = update.sequence.decode_steps
-            self.decode_tokens = update.sequence.decode_tokens
+        if update.done is not None:
+            self.decode_steps = update.done.decode_steps
+            self.decode_tokens = update.done.decode_tokens
+            self.engine_seconds = update.done.engine_seconds
 
 
 class Completion:
@@ -221,7 +223,8 @@ class Completion:
         tokens = sum(c.decode_tokens for c in self.choices)
         ttft = None if self.first_token is None else 1e3 * (self.first_token - self.start)
         return Metrics(decode_steps=steps, accepted_tokens_per_step=tokens / steps if steps else None, ttft_ms=ttft,
-                       total_ms=1e3 * (time.perf_counter() - self.start))
+                       total_ms=1e3 * (time.perf_counter() - self.start),
+                       engine_ms=1e3 * max(c.engine_seconds for c in self.choices))
 
     def logprobs(self, items: list[TokenLogprob | None], strings: list[str], offset: int) -> Logprobs | None:
         """OpenAI's logprobs object for tokens whose texts are `strings`, the first at `offset`; an

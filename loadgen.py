@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent
-RSS = re.compile(rb"^process_resident_memory_bytes (\S+)$", re.MULTILINE)
+RSS = re.compile(rb"^(?:medusa_engine_)?process_resident_memory_bytes (\S+)$", re.MULTILINE)  # both processes
 
 
 @contextlib.contextmanager
@@ -54,13 +54,13 @@ def _healthy(url: str) -> bool:
 
 
 async def server_rss_mb(client: httpx.AsyncClient) -> float | None:
-    """The server's resident memory (MB) from its /metrics, None where it does not say."""
+    """The server's resident memory (MB, its processes summed) from its /metrics, None where it does not say."""
     try:
         r = await client.get("/metrics")
     except httpx.HTTPError:
         return None
-    match = RSS.search(r.content) if r.status_code == 200 else None
-    return float(match[1]) / 2**20 if match else None
+    sizes = [float(m) for m in RSS.findall(r.content)] if r.status_code == 200 else []
+    return sum(sizes) / 2**20 if sizes else None
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Timed:
     decode_steps: int = 0
     accepted_per_step: float | None = None
     server_ms: float | None = None  # the server's own arrival-to-last-token time
+    engine_ms: float | None = None  # the engine's own time for it (admission to last token)
 
     @property
     def ttft(self) -> float | None:
@@ -127,7 +128,7 @@ async def _read_events(r: httpx.Response, t: Timed, start: float) -> None:
             t.prompt_tokens, t.output_tokens = event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"]
             metrics = event.get("metrics") or {}
             t.decode_steps, t.accepted_per_step = metrics.get("decode_steps", 0), metrics.get("accepted_tokens_per_step")
-            t.server_ms = metrics.get("total_ms")
+            t.server_ms, t.engine_ms = metrics.get("total_ms"), metrics.get("engine_ms")
     t.ok = done and not t.error
     if not done and not t.error:
         t.error = "the stream ended without [DONE]"

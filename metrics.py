@@ -30,5 +30,9 @@ class ServiceMetrics:
         self.batch_size = Histogram("medusa_batch_size", "Running sequences per decode step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
+    def watch_engine(self, pid: int) -> None:
+        """The engine process's own process_* metrics, as medusa_engine_process_*."""
+        ProcessCollector(namespace="medusa_engine", pid=lambda: pid, registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

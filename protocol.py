@@ -101,6 +101,8 @@ class Metrics(BaseModel):
     )
     ttft_ms: float | None
     total_ms: float
+    engine_ms: float = Field(description="the longest time one of its sequences spent in the engine, from admission "
+                                         "to its last token (total_ms less this: queueing, HTTP and streaming)")
 
 
 class CompletionResponse(BaseModel):

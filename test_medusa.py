@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,8 +17,9 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app import Served, create_app, load_served
+from app import create_app
 from engine import Engine
+from serving import Served, load_served
 from settings import Settings
 from tests.http_helpers import assert_error, wait_for
 
@@ -281,26 +283,26 @@ def test_one_error_per_status_and_the_server_keeps_serving(http):
 
 
 class GatedEngine(Engine):
-    """The served engine, with decode steps that wait for the test to open the gate."""
+    """The served engine, with decode steps that wait until the gate (a file: the engine runs in a
+    process of its own) exists."""
 
-    gate = threading.Event()
+    gate: Path
 
     def step(self, batch):
-        assert self.gate.wait(30)
+        wait_for(self.gate.exists)
         return super().step(batch)
 
 
-def gated_loader(settings: Settings) -> Served:
+def gated_loader(gate: Path, settings: Settings) -> Served:
     served = load_served(settings)
-    e = served.engine
-    served.engine = GatedEngine(e.model, e.tokenizer, e.tree, e.max_batch_size, e.max_context, e.eos_token_ids)
+    served.engine.__class__, GatedEngine.gate = GatedEngine, gate
     return served
 
 
-def test_a_full_queue_answers_429_with_retry_after(settings, wait_ready):
+def test_a_full_queue_answers_429_with_retry_after(settings, wait_ready, tmp_path):
     tight = settings.model_copy(update={"max_batch_size": 1, "queue_size": 1})
-    GatedEngine.gate.clear()
-    with TestClient(create_app(tight, loader=gated_loader)) as c, ThreadPoolExecutor(2) as pool:
+    gate = tmp_path / "open"
+    with TestClient(create_app(tight, loader=partial(gated_loader, gate))) as c, ThreadPoolExecutor(2) as pool:
         try:
             wait_ready(c.get)
             body = {"prompt": PROMPTS[0], "max_tokens": 8}
@@ -312,22 +314,22 @@ def test_a_full_queue_answers_429_with_retry_after(settings, wait_ready):
             assert_error(full, 429)
             assert int(full.headers["Retry-After"]) >= 1
         finally:
-            GatedEngine.gate.set()
+            gate.touch()
         assert running.result().status_code == waiting.result().status_code == 200
         assert c.post("/v1/completions", json=body).status_code == 200
 
 
-def test_503_until_the_model_is_loaded(settings, wait_ready):
-    release = threading.Event()
+def slow_loader(release: Path, settings: Settings) -> Served:
+    wait_for(release.exists)
+    return load_served(settings)
 
-    def slow_loader(s: Settings) -> Served:
-        release.wait(30)
-        return load_served(s)
 
-    with TestClient(create_app(settings, loader=slow_loader)) as c:
+def test_503_until_the_model_is_loaded(settings, wait_ready, tmp_path):
+    release = tmp_path / "release"
+    with TestClient(create_app(settings, loader=partial(slow_loader, release))) as c:
         assert_error(c.get("/health"), 503)
         assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503)
-        release.set()
+        release.touch()
         wait_ready(c.get)
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 

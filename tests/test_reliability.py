@@ -22,12 +22,13 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from app import Served, create_app, load_served
+from app import create_app
 from batch_processor import Ticket, Update
 from completions import BadRequest, Limits, max_prompt_chars, tokenize
 from engine import Engine
 from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
 from sequence import Event, Request
+from serving import Served, load_served
 from settings import BUNDLED_MODEL
 from tests.http_helpers import assert_error, wait_for
 
@@ -163,13 +164,14 @@ def test_a_cancel_that_lands_as_an_update_arrives_is_not_lost():
 # ---- faults --------------------------------------------------------------------------------------
 
 
-class FaultyEngine(Engine):
-    """The served engine; a step with a sequence whose prompt is `poison` raises."""
+POISON = "import poison"
 
-    poison: list[int] = []
+
+class FaultyEngine(Engine):
+    """The served engine; a step with a sequence whose prompt is POISON raises."""
 
     def step(self, batch):
-        if any(seq.request.prompt_ids == self.poison for seq in batch.seqs):
+        if any(seq.request.prompt_ids == self.tokenizer(POISON)["input_ids"] for seq in batch.seqs):
             raise RuntimeError("injected fault: /secret/path/weights.bin")
         return super().step(batch)
 
@@ -185,8 +187,7 @@ def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, w
         wait_ready(c.get)
         healthy = {"prompt": "def read_config(path):", "max_tokens": 24}
         before = c.post("/v1/completions", json=healthy).json()["choices"][0]["text"]
-        FaultyEngine.poison = c.app.state.serving["served"].engine.tokenizer("import poison")["input_ids"]
-        bad = {"prompt": "import poison", "max_tokens": 24}
+        bad = {"prompt": POISON, "max_tokens": 24}
         error = assert_error(c.post("/v1/completions", json=bad), 500)
         assert "secret" not in error["message"] and "injected" not in error["message"]
         with c.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
@@ -195,6 +196,21 @@ def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, w
         assert "secret" not in events[-2]
         assert c.get("/health").json() == {"status": "ok"}
         assert c.post("/v1/completions", json=healthy).json()["choices"][0]["text"] == before
+        assert gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_the_server_says_so(settings, wait_ready):
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c.get)
+        engine = psutil.Process(c.get("/info").json()["engine_pid"])
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(c.post, "/v1/completions", json={"prompt": "def f():", "max_tokens": 400,
+                                                                "ignore_eos": True})
+            wait_for(lambda: gauges(c)["medusa_requests_running"] == 1)
+            engine.kill()
+            assert_error(long.result(timeout=30), 500)
+        assert "engine has stopped" in assert_error(c.get("/health"), 503)["message"]
+        assert "engine has stopped" in assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503)["message"]
         assert gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
 
 
@@ -223,20 +239,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
+def serving(*args: str) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free port, once it answers /health; and its URL."""
     port = free_port()
-    server = serve("--port", str(port), "--shutdown-grace-s", "20")
-    url = f"http://127.0.0.1:{port}"
+    server, url = serve("--port", str(port), *args), f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "the server never became ready"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.ConnectError:
+            pass
+        time.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                pass
-            time.sleep(0.1)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
+    server, url = serving("--shutdown-grace-s", "20")
+    try:
+        engine = httpx.get(url + "/info").json()["engine_pid"]
         body = {"prompt": "def f():", "max_tokens": 300, "ignore_eos": True}
         first_chunk = threading.Event()
 
@@ -259,6 +287,18 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 300
         assert server.wait(timeout=30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has drained
         assert "Traceback" not in server.stderr.read()
+        assert gone(engine)
+    finally:
+        server.kill()
+
+
+def test_the_engine_process_never_outlives_its_server():
+    server, url = serving()
+    try:
+        engine = httpx.get(url + "/info").json()["engine_pid"]
+        server.kill()  # no chance to stop the engine process: it must notice by itself
+        server.wait(timeout=30)
+        wait_for(lambda: gone(engine), timeout=15)
     finally:
         server.kill()
 

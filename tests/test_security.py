@@ -13,21 +13,15 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app import create_app, load_served
+from app import create_app
 from settings import Settings
 
 KEYS = "sk-first-0123456789,sk-second-abcdef"
 BODY = {"prompt": "import os\n", "max_tokens": 2}
 
 
-@pytest.fixture(scope="module")
-def served(settings):
-    """One loaded model, engine and tree, shared by every app of this module (each has its own batcher)."""
-    return load_served(settings)
-
-
-def app_client(settings, served, wait_ready, client=("testclient", 50000), **changes) -> TestClient:
-    app = create_app(Settings(**{**settings.model_dump(), **changes}), loader=lambda _: served)
+def app_client(settings, wait_ready, client=("testclient", 50000), **changes) -> TestClient:
+    app = create_app(Settings(**{**settings.model_dump(), **changes}))
     c = TestClient(app, client=client)
     c.__enter__()
     wait_ready(c.get)
@@ -44,9 +38,9 @@ def assert_error(r, status: int) -> dict:
 # ---- API keys ------------------------------------------------------------------------------------
 
 
-def test_api_keys_guard_the_api_but_not_health_page_or_metrics(settings, served, wait_ready, caplog):
+def test_api_keys_guard_the_api_but_not_health_page_or_metrics(settings, wait_ready, caplog):
     caplog.set_level(logging.DEBUG)
-    c = app_client(settings, served, wait_ready, api_keys=KEYS)
+    c = app_client(settings, wait_ready, api_keys=KEYS)
     try:
         missing = c.post("/v1/completions", json=BODY)
         assert "missing API key" in assert_error(missing, 401)["message"]
@@ -74,8 +68,8 @@ def test_api_keys_guard_the_api_but_not_health_page_or_metrics(settings, served,
 # ---- rate limits ---------------------------------------------------------------------------------
 
 
-def test_no_rate_limit_unless_configured(settings, served, wait_ready):
-    c = app_client(settings, served, wait_ready)
+def test_no_rate_limit_unless_configured(settings, wait_ready):
+    c = app_client(settings, wait_ready)
     try:
         for _ in range(5):
             r = c.post("/v1/completions", json=BODY)
@@ -91,8 +85,8 @@ def assert_limited(r):
     assert r.headers["X-RateLimit-Limit"] == "3" and r.headers["X-RateLimit-Remaining"] == "0"
 
 
-def test_rate_limit_per_client_address(settings, served, wait_ready):
-    c = app_client(settings, served, wait_ready, rate_limit="3/minute")
+def test_rate_limit_per_client_address(settings, wait_ready):
+    c = app_client(settings, wait_ready, rate_limit="3/minute")
     other = TestClient(c.app, client=("10.0.0.2", 40000))  # another address, same app
     try:
         remaining = []
@@ -108,8 +102,8 @@ def test_rate_limit_per_client_address(settings, served, wait_ready):
         c.__exit__(None, None, None)
 
 
-def test_rate_limit_per_api_key(settings, served, wait_ready):
-    c = app_client(settings, served, wait_ready, rate_limit="3/minute", api_keys=KEYS)
+def test_rate_limit_per_api_key(settings, wait_ready):
+    c = app_client(settings, wait_ready, rate_limit="3/minute", api_keys=KEYS)
     first, second = ({"Authorization": f"Bearer {k}"} for k in KEYS.split(","))
     try:
         for _ in range(3):
@@ -153,8 +147,8 @@ def redis_url(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-def test_replicas_share_a_limit_through_redis(settings, served, wait_ready, redis_url):
-    replicas = [app_client(settings, served, wait_ready, rate_limit="3/minute", rate_limit_storage=redis_url)
+def test_replicas_share_a_limit_through_redis(settings, wait_ready, redis_url):
+    replicas = [app_client(settings, wait_ready, rate_limit="3/minute", rate_limit_storage=redis_url)
                 for _ in range(2)]
     a, b = replicas
     try:

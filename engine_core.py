@@ -1,0 +1,199 @@
+"""The engine loop, in a process of its own. It loads the model, then loops: take the HTTP process's
+requests and cancels, admit waiting requests FIFO into free batch slots (continuous batching), step
+the batch, and send the round's events back as one Report.
+
+Why a process and not a thread of the HTTP process: there the engine thread and the event loop
+share the GIL, and every streamed chunk's Python (SSE, JSON, HTTP) lengthened the engine's steps by
+2-40% at one streaming client on a 2-core CPU (issue 7). vLLM V1 runs its EngineCore apart from the
+API server for the same reason."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from engine import Batch, Engine
+from sequence import Event, Request, Sequence
+from serving import Served
+from settings import Settings
+
+log = logging.getLogger("medusa.engine")
+PARENT_CHECK_S = 1.0  # how often an idle loop checks that the HTTP process is still there
+
+
+# ---- messages: HTTP process -> engine process (a multiprocessing queue; None = stop) -------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    requests: list[Request]
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_ids: list[str]
+
+
+# ---- messages: engine process -> HTTP process (a pipe): ServedInfo or LoadFailed, then Reports -----
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str  # the traceback is in the engine process's log
+
+
+@dataclass(frozen=True)
+class Done:
+    """A sequence's end, with its decode statistics."""
+
+    finish_reason: str
+    decode_steps: int
+    decode_tokens: int
+    engine_seconds: float  # from its admission to its end: the engine's own time for it
+
+    @classmethod
+    def of(cls, seq: Sequence, engine_seconds: float) -> Done:
+        return cls(seq.finish_reason, seq.decode_steps, seq.decode_tokens, engine_seconds)
+
+
+@dataclass
+class Report:
+    """One round of the loop."""
+
+    events: list[Event] = field(default_factory=list)
+    done: dict[str, Done] = field(default_factory=dict)  # finished this round (cancelled ones too)
+    admitted: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # cancelled while waiting: never admitted
+    failed: list[str] = field(default_factory=list)  # in a step that raised
+    prompt_tokens: int = 0
+    batch_size: int = 0  # sequences the round's decode step decoded (0: no step)
+    seconds: float = 0.0
+
+
+# ---- the engine process ----------------------------------------------------------------------------
+
+
+def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multiprocessing.Queue,
+          outbox: Connection) -> None:
+    """The engine process's main: load, say what was loaded (ServedInfo) or why not, then loop."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.setpgrp()  # out of the server's process group: Ctrl-C there lets the HTTP process drain, then stop this one
+    try:
+        served = loader(settings)
+    except Exception as e:
+        log.exception("model failed to load")
+        outbox.send(LoadFailed(f"model failed to load: {e}"))
+        return
+    outbox.send(served.info())
+    try:
+        EngineCore(served.engine, settings.max_wait_ms, inbox, outbox).run()
+    except BaseException:  # the HTTP process sees the pipe close and fails what was in flight
+        log.exception("the engine loop stopped")
+        raise SystemExit(1) from None
+
+
+class EngineCore:
+    def __init__(self, engine: Engine, max_wait_ms: float, inbox: multiprocessing.Queue, outbox: Connection):
+        self.engine, self.max_wait, self.inbox, self.outbox = engine, max_wait_ms / 1000, inbox, outbox
+        self.waiting: deque[Request] = deque()
+        self.cancels: set[str] = set()
+        self.admitted_at: dict[str, float] = {}  # running request id -> time.perf_counter() at admission
+        self.stopping = False
+
+    def run(self) -> None:
+        batch = self.engine.new_batch()
+        while not self.stopping:
+            self._receive(block=not self.waiting and not batch.seqs)
+            if self.stopping:
+                return
+            if not batch.seqs and self.max_wait > 0:
+                self._gather()
+            arrivals = self._admit(batch)
+            if not arrivals and not batch.seqs:  # only cancels of finished requests came
+                continue
+            report = Report()
+            start = time.perf_counter()
+            try:
+                self._round(batch, arrivals, report)
+            except Exception:  # one failed step fails its requests, never the loop
+                log.exception("engine step failed")
+                report.failed = [s.request.id for s in batch.seqs] + [r.id for r in arrivals]
+                for request_id in report.failed:
+                    self.admitted_at.pop(request_id, None)
+                report.events, report.done = [], {}
+                batch.seqs.clear()
+                batch = None  # free the old cache before allocating the new one
+                batch = self.engine.new_batch()
+            report.seconds = time.perf_counter() - start
+            self.outbox.send(report)
+
+    def _receive(self, block: bool) -> None:
+        """Take every message waiting; if `block`, first wait for one (checking on the HTTP process)."""
+        while block and not self.stopping:
+            try:
+                self._take(self.inbox.get(timeout=PARENT_CHECK_S))
+                break
+            except queue.Empty:
+                if not multiprocessing.parent_process().is_alive():
+                    self.stopping = True
+        while not self.stopping:
+            try:
+                self._take(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _take(self, message: Submit | Cancel | None) -> None:
+        if message is None:
+            self.stopping = True
+        elif isinstance(message, Submit):
+            self.waiting.extend(message.requests)
+        else:
+            self.cancels.update(message.request_ids)
+
+    def _gather(self) -> None:
+        """The engine is idle: let arrivals gather for up to max_wait, or until a batch is full."""
+        deadline = time.perf_counter() + self.max_wait
+        while len(self.waiting) < self.engine.max_batch_size and not self.stopping:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                self._take(self.inbox.get(timeout=left))
+            except queue.Empty:
+                return
+
+    def _admit(self, batch: Batch) -> list[Request]:
+        """Cancels first (waiting ones are dropped, running ones end at this round), then FIFO into the
+        free slots. Said at once, before the round's forwards, so that the HTTP process counts them."""
+        dropped = []
+        if self.cancels:
+            dropped = [r.id for r in self.waiting if r.id in self.cancels]
+            self.waiting = deque(r for r in self.waiting if r.id not in self.cancels)
+            for request_id in self.cancels:
+                batch.cancel(request_id)
+            self.cancels = set()
+        free = self.engine.free_slots(batch)
+        arrivals = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        now = time.perf_counter()
+        self.admitted_at.update((r.id, now) for r in arrivals)
+        if arrivals or dropped:
+            self.outbox.send(Report(admitted=[r.id for r in arrivals], dropped=dropped))
+        return arrivals
+
+    def _round(self, batch: Batch, arrivals: list[Request], report: Report) -> None:
+        report.events = self.engine.admit(batch, arrivals)
+        report.prompt_tokens = sum(len(r.prompt_ids) for r in arrivals)
+        finished = self.engine.filter(batch)
+        if batch.seqs:
+            report.batch_size = len(batch.seqs)
+            report.events += self.engine.step(batch)
+            finished += self.engine.filter(batch)
+        now = time.perf_counter()
+        report.done = {s.request.id: Done.of(s, now - self.admitted_at.pop(s.request.id)) for s in finished}

@@ -1,0 +1,73 @@
+"""What the service serves: the model, heads, tree and engine the settings describe (built in the
+engine process), and the facts about them that the HTTP process needs (sent to it once loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from engine import Engine
+from load_medusa_from_hf import heads_tree, load_medusa_model
+from settings import Settings
+from tree import ROOT, Tree, load_tree, preset
+
+
+@dataclass(frozen=True)
+class ServedInfo:
+    """The served model as the HTTP process knows it: it never holds the model itself."""
+
+    tokenizer: PreTrainedTokenizerBase
+    num_heads: int
+    tree: Tree
+    device: str
+    dtype: str
+    deepspeed: bool
+    cuda_graphs: bool
+    max_batch_size: int
+    max_context: int
+    vocab_size: int
+    threads: int | None  # the engine's intra-op threads, on CPU
+
+    @property
+    def speculative(self) -> bool:
+        return self.num_heads > 0 and self.tree.num_nodes > 1
+
+
+@dataclass
+class Served:
+    engine: Engine
+    tree: Tree
+    deepspeed: bool
+
+    def info(self) -> ServedInfo:
+        """Called in the engine process: the thread count is that process's own."""
+        e = self.engine
+        threads = torch.get_num_threads() if e.model.device.type == "cpu" else None
+        return ServedInfo(e.tokenizer, e.model.num_heads, self.tree, str(e.model.device),
+                          str(e.model.dtype).removeprefix("torch."), self.deepspeed, e.cuda_graphs, e.max_batch_size,
+                          e.max_context, e.model.config.vocab_size, threads)
+
+
+def load_served(settings: Settings) -> Served:
+    """The model, heads, tree and engine the settings describe."""
+    dtype = getattr(torch, settings.resolved_dtype())
+    if settings.resolved_device() == "cpu":
+        torch.set_num_threads(settings.resolved_cpu_threads())
+    model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
+                                         dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
+                                         revision=settings.revision)
+    tree = choose_tree(settings, model.num_heads)
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
+                    cuda_graphs=settings.cuda_graphs)
+    return Served(engine, tree, settings.deepspeed)
+
+
+def choose_tree(settings: Settings, num_heads: int) -> Tree:
+    """MEDUSA_CHOICES, else the heads' own tree, else mc_sim_7b_63 (root only without heads)."""
+    if settings.medusa_choices:
+        return load_tree(settings.medusa_choices)
+    if not num_heads:
+        return ROOT
+    return heads_tree(settings.medusa_heads, settings.revision) or preset("mc_sim_7b_63")
