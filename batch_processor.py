@@ -85,6 +85,7 @@ class DynamicBatcher:
         self.dead = False  # the engine process has stopped for good
         self._owner: dict[str, tuple[Ticket, int]] = {}  # request id -> (ticket, choice), in the engine process
         self._waiting: set[str] = set()  # of those, not admitted yet
+        self._cancelling: set[str] = set()  # of those, cancelled: their room is free for new requests
         self._step_seconds = 0.05  # running estimate, for Retry-After
         self._process: multiprocessing.Process | None = None
         self._stopping = False
@@ -94,11 +95,16 @@ class DynamicBatcher:
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe with CUDA and with threads running
         self._inbox = spawn.Queue()
         self._conn, sender = spawn.Pipe(duplex=False)
-        self._process = spawn.Process(target=serve, args=(self.loader, self.settings, self._inbox, sender),
-                                      name="medusa-engine", daemon=True)
-        self._process.start()
-        sender.close()  # the engine process holds its own end: the pipe reads EOF when it exits
-        self.metrics.watch_engine(self._process.pid)
+        process = spawn.Process(target=serve, args=(self.loader, self.settings, self._inbox, sender),
+                                name="medusa-engine", daemon=True)
+        try:
+            process.start()  # pickles the loader: a lambda or a closure cannot go to another process
+        except Exception as e:
+            raise LoadError(f"the engine process could not start: {e}") from e
+        finally:
+            sender.close()  # the engine process holds its own end: the pipe reads EOF when it exits
+        self._process = process
+        self.metrics.watch_engine(process.pid)
         loop = asyncio.get_running_loop()
         self._loaded = loop.create_future()
         loop.add_reader(self._conn.fileno(), self._receive)
@@ -111,7 +117,7 @@ class DynamicBatcher:
         if self._process is None:
             return
         self._stopping = True
-        if self._process.is_alive():
+        if self._process.is_alive() and self._loaded.done():  # a model still loading is not waited for
             self._inbox.put(None)
             await asyncio.to_thread(self._process.join, self.STOP_TIMEOUT_S)
         if self._process.is_alive():
@@ -122,7 +128,8 @@ class DynamicBatcher:
         """Queue all of a request's sequences, or none (QueueFull)."""
         if self.dead:
             raise EngineFailure("the engine has stopped; see the server log")
-        if len(self._owner) + len(requests) > self.queue_size + self.info.max_batch_size:  # the queue + the batch
+        held = len(self._owner) - len(self._cancelling)
+        if held + len(requests) > self.queue_size + self.info.max_batch_size:  # the queue + the batch
             raise QueueFull(self._retry_after())
         ticket = Ticket(requests)
         for i, r in enumerate(requests):
@@ -135,8 +142,9 @@ class DynamicBatcher:
     def cancel(self, ticket: Ticket) -> None:
         """Drop the ticket's waiting sequences and end its running ones at the engine's next round; a
         no-op once they have all finished."""
-        ids = [r.id for r in ticket.requests if r.id in self._owner]
+        ids = [r.id for r in ticket.requests if r.id in self._owner and r.id not in self._cancelling]
         if ids and not self.dead:
+            self._cancelling.update(ids)
             self._inbox.put(Cancel(ids))
 
     @property
@@ -165,12 +173,20 @@ class DynamicBatcher:
                 message = self._conn.recv()
                 if isinstance(message, Report):
                     self._dispatch(message)
+                elif self._loaded.done():  # start() was cancelled: the server is stopping
+                    pass
                 elif isinstance(message, LoadFailed):
                     self._loaded.set_exception(LoadError(message.message))
                 else:
                     self.info = message
                     self._loaded.set_result(message)
         except (EOFError, OSError):  # the engine process exited
+            self._gone()
+        except Exception as e:  # a message that does not unpickle here: nothing more can be trusted
+            log.exception("unreadable message from the engine process")
+            if not self._loaded.done():
+                self._loaded.set_exception(LoadError(f"the engine process sent what could not be read: {e}"))
+            self._process.kill()
             self._gone()
 
     def _dispatch(self, report: Report) -> None:
@@ -187,6 +203,7 @@ class DynamicBatcher:
                 ticket.updates.put_nowait(Update(index, Event(request_id, [], "", end.finish_reason), end))
         for request_id in [*report.done, *report.dropped]:
             self._owner.pop(request_id, None)
+            self._cancelling.discard(request_id)
         if report.failed:
             self._fail(report.failed)
         self._count(report)
@@ -212,6 +229,7 @@ class DynamicBatcher:
             for r in ticket.requests:
                 self._owner.pop(r.id, None)
                 self._waiting.discard(r.id)
+                self._cancelling.discard(r.id)
             ticket.updates.put_nowait(EngineFailure("the engine failed while decoding this request"))
         self.metrics.running.set(self.running)
         self.metrics.waiting.set(len(self._waiting))
@@ -221,12 +239,12 @@ class DynamicBatcher:
         if self.dead:
             return
         self.dead = True
-        self._process.join(1.0)  # it has closed its end of the pipe: it is exiting
         asyncio.get_running_loop().remove_reader(self._conn.fileno())
         self._conn.close()
         if not self._loaded.done():
-            self._loaded.set_exception(LoadError(f"the engine process exited ({self._process.exitcode})"))
+            self._loaded.set_exception(LoadError("the engine process exited while loading; see the log"))
         elif not self._stopping:
-            log.error("the engine process exited (code %s); failing the requests in flight", self._process.exitcode)
+            log.error("the engine process (pid %s) exited; failing the requests in flight", self._process.pid)
         self._fail(list(self._owner))
         self._inbox.cancel_join_thread()  # nothing reads it any more: exiting must not wait on it
+        self._inbox.close()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +27,6 @@ from serving import Served
 from settings import Settings
 
 log = logging.getLogger("medusa.engine")
-PARENT_CHECK_S = 1.0  # how often an idle loop checks that the HTTP process is still there
 
 
 # ---- messages: HTTP process -> engine process (a multiprocessing queue; None = stop) -------------
@@ -85,6 +86,7 @@ def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multi
     """The engine process's main: load, say what was loaded (ServedInfo) or why not, then loop."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.setpgrp()  # out of the server's process group: Ctrl-C there lets the HTTP process drain, then stop this one
+    threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     try:
         served = loader(settings)
     except Exception as e:
@@ -97,6 +99,13 @@ def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multi
     except BaseException:  # the HTTP process sees the pipe close and fails what was in flight
         log.exception("the engine loop stopped")
         raise SystemExit(1) from None
+
+
+def _exit_with_parent() -> None:
+    """Whatever this process is doing (loading, stepping, waiting), it ends when the HTTP process does:
+    an orphan would hold the model's memory (a GPU's) for nothing."""
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
 
 
 class EngineCore:
@@ -124,9 +133,8 @@ class EngineCore:
                 self._round(batch, arrivals, report)
             except Exception:  # one failed step fails its requests, never the loop
                 log.exception("engine step failed")
-                report.failed = [s.request.id for s in batch.seqs] + [r.id for r in arrivals]
-                for request_id in report.failed:
-                    self.admitted_at.pop(request_id, None)
+                report.failed = list(self.admitted_at)  # every admitted sequence not yet reported done
+                self.admitted_at.clear()
                 report.events, report.done = [], {}
                 batch.seqs.clear()
                 batch = None  # free the old cache before allocating the new one
@@ -135,14 +143,9 @@ class EngineCore:
             self.outbox.send(report)
 
     def _receive(self, block: bool) -> None:
-        """Take every message waiting; if `block`, first wait for one (checking on the HTTP process)."""
-        while block and not self.stopping:
-            try:
-                self._take(self.inbox.get(timeout=PARENT_CHECK_S))
-                break
-            except queue.Empty:
-                if not multiprocessing.parent_process().is_alive():
-                    self.stopping = True
+        """Take every message waiting; if `block`, first wait for one."""
+        if block:
+            self._take(self.inbox.get())
         while not self.stopping:
             try:
                 self._take(self.inbox.get_nowait())

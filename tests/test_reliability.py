@@ -214,6 +214,12 @@ def test_an_engine_process_that_dies_fails_its_requests_and_the_server_says_so(s
         assert gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
 
 
+def test_a_loader_that_cannot_go_to_the_engine_process_is_a_load_error(settings):
+    with TestClient(create_app(settings, loader=lambda s: load_served(s))) as c:  # a lambda does not pickle
+        wait_for(lambda: "could not start" in c.get("/health").text)
+        assert "model is loading" not in assert_error(c.get("/health"), 503)["message"]
+
+
 def serve(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "warning"}
     return subprocess.Popen([sys.executable, "app.py", "--device", "cpu", *args], cwd=ROOT, env=env,
