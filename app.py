@@ -191,7 +191,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
         batcher = state["batcher"]
         return {
             "model": settings.model_id(), "model_path": settings.model_name, "heads": settings.heads(),
-            "num_heads": served.num_heads, "tree": served.tree.describe(), "device": served.device,
+            "num_heads": served.num_heads, "tree": served.tree.describe(), "adaptive_tree": served.adaptive,
+            "tree_in_use": batcher.tree_in_use, "device": served.device,
             "dtype": served.dtype, "deepspeed": served.deepspeed, "threads": served.threads,
             "cuda_graphs": served.cuda_graphs, "engine_pid": batcher.pid,
             "max_batch_size": served.max_batch_size, "max_wait_ms": settings.max_wait_ms,

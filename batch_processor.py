@@ -82,6 +82,7 @@ class DynamicBatcher:
         self.queue_size = settings.queue_size
         self.info: ServedInfo | None = None  # once loaded
         self.batch_sizes: Counter[int] = Counter()  # decode steps by running sequences
+        self.tree_in_use: dict | None = None  # the last step's tree for speculative sequences
         self.dead = False  # the engine process has stopped for good
         self._owner: dict[str, tuple[Ticket, int]] = {}  # request id -> (ticket, choice), in the engine process
         self._waiting: set[str] = set()  # of those, not admitted yet
@@ -217,6 +218,10 @@ class DynamicBatcher:
             m.batch_size.observe(report.batch_size)
             m.decode_steps.inc()
             self._step_seconds = 0.9 * self._step_seconds + 0.1 * report.seconds
+        if report.tree is not None:
+            self.tree_in_use = report.tree
+            m.tree_nodes.set(report.tree["nodes"])
+            m.speculative_steps.labels(str(report.tree["nodes"])).inc()
         m.running.set(self.running)
         m.waiting.set(len(self._waiting))
 

@@ -13,6 +13,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 
+from adaptive import CostTable  # noqa: E402
 from app import create_app  # noqa: E402
 from settings import Settings  # noqa: E402
 
@@ -31,8 +32,13 @@ def wait_ready():
 
 
 @pytest.fixture(scope="session")
-def settings():
-    return Settings(device="cpu", max_batch_size=16, max_wait_ms=20, queue_size=64)  # fp32: exact references
+def settings(tmp_path_factory):
+    """fp32 (exact references), and a fixed step cost table that is flat: every step costs the same
+    whatever it verifies, so the adaptive chooser always takes the whole tree (tests of the service
+    do not depend on this machine's speed; tests/test_adaptive.py varies the table)."""
+    flat = tmp_path_factory.mktemp("costs") / "flat.json"
+    CostTable((1, 64), (1, 64), ((0.01, 0.01), (0.01, 0.01))).save(flat)
+    return Settings(device="cpu", max_batch_size=16, max_wait_ms=20, queue_size=64, cost_table=str(flat))
 
 
 @contextlib.contextmanager

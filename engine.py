@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -22,6 +23,9 @@ from medusa_model import MedusaModel
 from sampling import Accepted, Sampled, TokenLogprob, Uniforms, accept, token_logprobs
 from sequence import Event, Request, Sequence
 from tree import ROOT, StepTrees, Tree, stack_trees
+
+if TYPE_CHECKING:
+    from adaptive import TreeChooser
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Engine:
         self.max_context = max_context or model.config.max_position_embeddings
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.chooser: TreeChooser | None = None  # set: each step's tree is chosen for its batch (adaptive.py)
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -129,12 +134,16 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Event]:
-        """One decode step for every running sequence: propose -> verify -> accept -> commit."""
+        """One decode step for every running sequence: (choose ->) propose -> verify -> accept -> commit."""
         rows = slice(0, len(batch.seqs))
+        if self.chooser is not None:
+            self._choose(batch)
         trees = stack_trees(tuple(batch.trees), self.model.device)
         tokens = self._propose(batch, rows, trees)
         logits, hidden = self._verify(batch, rows, tokens, trees)
         accepted = self._accept(batch.seqs, tokens, logits, trees)
+        if self.chooser is not None:
+            self.chooser.record(batch.trees, accepted)
         return self._commit(batch, rows, accepted, logits, hidden)
 
     def filter(self, batch: Batch) -> list[Sequence]:
@@ -155,6 +164,12 @@ class Engine:
         return done
 
     # ---- step phases ---------------------------------------------------------------------------
+
+    def _choose(self, batch: Batch) -> None:
+        """This step's tree for the speculative sequences, from the batch's make-up; standard ones stay root-only."""
+        speculative = sum(s.request.speculative for s in batch.seqs)
+        tree = self.chooser.choose(speculative, len(batch.seqs) - speculative)
+        batch.trees = [tree if s.request.speculative else ROOT for s in batch.seqs]
 
     def _propose(self, batch: Batch, rows: slice, trees: StepTrees) -> torch.Tensor:
         """Candidate tokens [B, T]: the root, then each node's rank-r token from its head."""

@@ -75,6 +75,7 @@ class Report:
     failed: list[str] = field(default_factory=list)  # in a step that raised
     prompt_tokens: int = 0
     batch_size: int = 0  # sequences the round's decode step decoded (0: no step)
+    tree: dict | None = None  # Tree.describe() of the step's tree for speculative sequences, if it had any
     seconds: float = 0.0
 
 
@@ -197,6 +198,7 @@ class EngineCore:
         if batch.seqs:
             report.batch_size = len(batch.seqs)
             report.events += self.engine.step(batch)
+            report.tree = next((t.describe() for t, s in zip(batch.trees, batch.seqs) if s.request.speculative), None)
             finished += self.engine.filter(batch)
         now = time.perf_counter()
         report.done = {s.request.id: Done.of(s, now - self.admitted_at.pop(s.request.id)) for s in finished}

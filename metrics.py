@@ -27,6 +27,10 @@ class ServiceMetrics:
                              buckets=LATENCY_BUCKETS)
         self.accepted = Histogram("medusa_accepted_tokens_per_step", "Tokens emitted per decode step, per sequence",
                                   registry=r, buckets=(1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6))
+        self.tree_nodes = Gauge("medusa_tree_nodes", "Tokens verified per speculative sequence in the last step "
+                                "that had one (root included; adaptive trees shrink as the batch grows)", registry=r)
+        self.speculative_steps = Counter("medusa_speculative_steps", "Decode steps with speculative sequences, by "
+                                         "tokens verified per sequence", ["nodes"], registry=r)
         self.batch_size = Histogram("medusa_batch_size", "Running sequences per decode step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 

@@ -3,11 +3,15 @@ engine process), and the facts about them that the HTTP process needs (sent to i
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from adaptive import CostTable, TreeChooser, cost_table, nested_family
 from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from settings import Settings
@@ -29,6 +33,7 @@ class ServedInfo:
     max_context: int
     vocab_size: int
     threads: int | None  # the engine's intra-op threads, on CPU
+    adaptive: bool  # each step's tree is chosen for its batch
 
     @property
     def speculative(self) -> bool:
@@ -47,7 +52,7 @@ class Served:
         threads = torch.get_num_threads() if e.model.device.type == "cpu" else None
         return ServedInfo(e.tokenizer, e.model.num_heads, self.tree, str(e.model.device),
                           str(e.model.dtype).removeprefix("torch."), self.deepspeed, e.cuda_graphs, e.max_batch_size,
-                          e.max_context, e.model.config.vocab_size, threads)
+                          e.max_context, e.model.config.vocab_size, threads, e.chooser is not None)
 
 
 def load_served(settings: Settings) -> Served:
@@ -61,7 +66,23 @@ def load_served(settings: Settings) -> Served:
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
                     cuda_graphs=settings.cuda_graphs)
+    if settings.adaptive_tree and tree.num_nodes > 1:
+        engine.chooser = TreeChooser(tree, step_costs(settings, engine))
     return Served(engine, tree, settings.deepspeed)
+
+
+def step_costs(settings: Settings, engine: Engine) -> CostTable:
+    """COST_TABLE, else the table measured for this model, heads, tree, device and dtype (cached)."""
+    if settings.cost_table:
+        return CostTable.load(settings.cost_table)
+    device = engine.model.device
+    key = {"model": settings.model_name, "heads": settings.heads(), "revision": settings.revision,
+           "tree": [list(p) for p in engine.tree.paths], "max_batch_size": engine.max_batch_size,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} "
+                     f"{platform.processor()} x{os.cpu_count()}", "threads": torch.get_num_threads(),
+           "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed, "tp_size": settings.tp_size,
+           "cuda_graphs": engine.cuda_graphs, "torch": torch.__version__}
+    return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())
 
 
 def choose_tree(settings: Settings, num_heads: int) -> Tree:

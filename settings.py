@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference")
     tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree")
     cuda_graphs: bool = Field(True, description="on CUDA, replay each decode step's forward as a captured CUDA graph")
+    adaptive_tree: bool = Field(True, description="choose each step's tree for its batch, from the whole tree down to "
+                                                  "root only, by measured step costs and acceptance; false: always "
+                                                  "the whole tree")
+    cost_table: str = Field("", description="a step cost table (JSON) to choose trees by; empty: measured at start "
+                                            "and cached in COST_CACHE_DIR")
+    cost_cache_dir: str = Field("~/.cache/medusa-service", description="where measured cost tables are kept")
     cpu_threads: int = Field(0, ge=0, description="torch threads when decoding on the CPU; 0: one per core, less "
                                                   "the one left to the HTTP event loop")
 
