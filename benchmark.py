@@ -23,14 +23,14 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 from tqdm import tqdm
 
-from loadgen import ROOT, Timed, local_server, server_rss_mb, stream_completion
+from loadgen import ROOT, Timed, local_server, server_rss_mb, speculative_steps, stream_completion
 from settings import BUNDLED_MODEL
 
 MODES = ("standard", "speculative")
@@ -48,6 +48,7 @@ class Phase:
     seconds: float
     requests: list[Timed]
     peak_rss_mb: float | None
+    tree_steps: dict[int, float] = field(default_factory=dict)  # the phase's speculative steps by tree nodes
 
 
 def request_body(prompt: str, mode: str, max_tokens: int) -> dict:
@@ -57,10 +58,11 @@ def request_body(prompt: str, mode: str, max_tokens: int) -> dict:
 
 
 async def run_phase(url: str, mode: str, level: int, prompts: list[str], count: int, max_tokens: int,
-                    rate: float | None, rng: random.Random, bar: tqdm | None) -> tuple[float, list[Timed], float | None]:
+                    rate: float | None, rng: random.Random, bar: tqdm | None
+                    ) -> tuple[float, list[Timed], float | None, dict[int, float]]:
     """`count` requests, at most `level` in flight, arriving as a Poisson process of `rate` per second
     (all at once when None); returns (seconds from the first send to the last answer, timings in
-    request order, the server's peak RSS meanwhile)."""
+    request order, the server's peak RSS meanwhile, its speculative steps meanwhile by tree nodes)."""
     gaps = [rng.expovariate(rate) if rate else 0.0 for _ in range(count)]
     slots = asyncio.Semaphore(level)
     rss: list[float] = []
@@ -84,13 +86,15 @@ async def run_phase(url: str, mode: str, level: int, prompts: list[str], count: 
                     pass
 
         stop = asyncio.Event()
+        steps_before = await speculative_steps(client)
         sampler = asyncio.create_task(sample_rss(stop))
         start = time.perf_counter()
         timings = await asyncio.gather(*(one(i, d) for i, d in enumerate(np.cumsum(gaps))))
         seconds = time.perf_counter() - start
         stop.set()
         await sampler
-    return seconds, list(timings), max(rss, default=None)
+        steps = {n: v - steps_before.get(n, 0.0) for n, v in (await speculative_steps(client)).items()}
+    return seconds, list(timings), max(rss, default=None), {n: v for n, v in steps.items() if v}
 
 
 def percentiles(values: list[float]) -> list[float | None]:
@@ -114,6 +118,8 @@ def phase_stats(p: Phase) -> dict:
     overheads = [t.end * 1e3 / t.engine_ms - 1 for t in ok if t.engine_ms]  # over the engine's own time for it
     row["http_overhead_p50"] = statistics.median(overheads) if overheads else None
     row["peak_rss_mb"] = p.peak_rss_mb
+    steps = sum(p.tree_steps.values())  # tokens verified per speculative sequence, averaged over the steps
+    row["tree_nodes"] = sum(n * c for n, c in p.tree_steps.items()) / steps if steps else None
     return row
 
 
@@ -145,7 +151,7 @@ COLUMNS = [("mode", "mode", "{}"), ("conc", "concurrency", "{}"), ("req/s", "req
            ("ITL p50", "itl_p50_ms", "{:.1f}"), ("p90", "itl_p90_ms", "{:.1f}"), ("p99", "itl_p99_ms", "{:.1f}"),
            ("E2E p50", "e2e_p50_ms", "{:.0f}"), ("p90", "e2e_p90_ms", "{:.0f}"), ("p99", "e2e_p99_ms", "{:.0f}"),
            ("acc/step", "accepted_tokens_per_step", "{:.2f}"), ("errors", "errors", "{}"),
-           ("RSS MB", "peak_rss_mb", "{:.0f}")]
+           ("tree", "tree_nodes", "{:.1f}"), ("RSS MB", "peak_rss_mb", "{:.0f}")]
 
 
 def table(summary: list[dict]) -> str:
@@ -185,16 +191,19 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     for mode, style in zip(MODES, ("o-", "s--")):
         rows = [r for r in summary if r["mode"] == mode]
         if not rows:
             continue
         levels = [r["concurrency"] for r in rows]
         left.plot(levels, [r["output_tokens_per_s"] for r in rows], style, label=mode)
-        right.plot(levels, [r["e2e_p50_ms"] for r in rows], style, label=f"{mode}, end to end")
-        right.plot(levels, [r["ttft_p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode}, first token")
-    for ax, ylabel in ((left, "output tokens/s"), (right, "p50 latency (ms)")):
+        middle.plot(levels, [r["e2e_p50_ms"] for r in rows], style, label=f"{mode}, end to end")
+        middle.plot(levels, [r["ttft_p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode}, first token")
+        trees = [(r["concurrency"], r["tree_nodes"]) for r in rows if r.get("tree_nodes") is not None]
+        if trees:  # where the adaptive tree shrinks
+            right.plot(*zip(*trees), style, label=f"{mode}: tokens verified per sequence (mean)")
+    for ax, ylabel in ((left, "output tokens/s"), (middle, "p50 latency (ms)"), (right, "tree nodes in use")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
@@ -308,9 +317,9 @@ async def run_all(url: str, args: argparse.Namespace, prompts: list[str], baseli
                 for mode in order:
                     bar.set_postfix_str(f"repeat {repeat + 1}, {mode}, concurrency {level}")
                     rng = random.Random(f"{args.seed}-{repeat}-{level}")  # both modes: the same arrivals
-                    seconds, timings, rss = await run_phase(url, mode, level, prompts, counts[level],
+                    seconds, timings, rss, trees = await run_phase(url, mode, level, prompts, counts[level],
                                                             args.max_tokens, args.rate, rng, bar)
-                    phases.append(Phase(mode, level, repeat, seconds, timings, rss))
+                    phases.append(Phase(mode, level, repeat, seconds, timings, rss, trees))
                 if baseline is not None and level == min(args.levels):
                     bar.set_postfix_str(f"repeat {repeat + 1}, in-process baseline")
                     baseline.run()  # blocks the event loop: nothing is in flight now

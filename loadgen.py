@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent
+TREE_STEPS = re.compile(rb'^medusa_speculative_steps_total\{nodes="(\d+)"\} (\S+)$', re.MULTILINE)
 RSS = re.compile(rb"^(?:medusa_engine_)?process_resident_memory_bytes (\S+)$", re.MULTILINE)  # both processes
 
 
@@ -53,14 +54,24 @@ def _healthy(url: str) -> bool:
         return False
 
 
-async def server_rss_mb(client: httpx.AsyncClient) -> float | None:
-    """The server's resident memory (MB, its processes summed) from its /metrics, None where it does not say."""
+async def _metrics(client: httpx.AsyncClient) -> bytes:
+    """The server's /metrics, or nothing where it has none."""
     try:
         r = await client.get("/metrics")
     except httpx.HTTPError:
-        return None
-    sizes = [float(m) for m in RSS.findall(r.content)] if r.status_code == 200 else []
+        return b""
+    return r.content if r.status_code == 200 else b""
+
+
+async def server_rss_mb(client: httpx.AsyncClient) -> float | None:
+    """The server's resident memory (MB, its processes summed) from its /metrics, None where it does not say."""
+    sizes = [float(m) for m in RSS.findall(await _metrics(client))]
     return sum(sizes) / 2**20 if sizes else None
+
+
+async def speculative_steps(client: httpx.AsyncClient) -> dict[int, float]:
+    """Decode steps so far with speculative sequences, by tokens verified per sequence (the tree in use)."""
+    return {int(n): float(v) for n, v in TREE_STEPS.findall(await _metrics(client))}
 
 
 @dataclass

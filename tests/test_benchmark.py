@@ -63,6 +63,8 @@ def test_a_tiny_benchmark_run_end_to_end(tmp_path):
     assert [(r["mode"], r["concurrency"], r["errors"]) for r in summary] == [
         ("standard", "1", "0"), ("speculative", "1", "0"), ("standard", "2", "0"), ("speculative", "2", "0")]
     assert all(float(r["peak_rss_mb"]) > 100 for r in summary)  # read from the server's /metrics
+    for r in summary:  # the tree the adaptive engine verified, from the server's step counters
+        assert r["tree_nodes"] == "" if r["mode"] == "standard" else 1 <= float(r["tree_nodes"]) <= 11
     png = (tmp_path / "benchmark.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     checks = json.loads((tmp_path / "run.json").read_text())["checks"]
