@@ -90,6 +90,7 @@ class TreeChooser:
         self.accepted = {p: PRIOR_WEIGHT * prior(p) for p in tree.paths}
         self.family = nested_family(tree)
         self.in_use: Tree = self.family[-1]  # the last step's tree for speculative sequences
+        self._step_seconds: dict[int, list[float]] = {}  # batch size -> predicted seconds per family tree
 
     def probability(self, path: tuple[int, ...]) -> float:
         return self.accepted[path] / self.offered[path]
@@ -104,17 +105,19 @@ class TreeChooser:
         if speculative == 0:
             return ROOT
         batch = speculative + standard
-
-        def rate(tree: Tree) -> float:
-            return (speculative * self.expected_tokens(tree) + standard) / self.costs.predict(batch, tree.num_nodes)
-
-        self.in_use = max(self.family, key=rate)
+        if batch not in self._step_seconds:
+            self._step_seconds[batch] = [self.costs.predict(batch, t.num_nodes) for t in self.family]
+        rates = [(speculative * self.expected_tokens(t) + standard) / seconds
+                 for t, seconds in zip(self.family, self._step_seconds[batch])]
+        self.in_use = self.family[rates.index(max(rates))]
         return self.in_use
 
     def record(self, trees: list[Tree], accepted: Accepted) -> None:
         """Count, for each sequence that verified a tree, which of its nodes were accepted."""
-        counts, nodes = accepted.count.tolist(), accepted.nodes.tolist()
         verified = {id(t): t for t in trees if t.num_nodes > 1}
+        if not verified:
+            return
+        counts, nodes = accepted.count.tolist(), accepted.nodes.tolist()
         for tree in verified.values():
             n = sum(t is tree for t in trees)
             for p in tree.paths:
@@ -129,19 +132,21 @@ class TreeChooser:
 
 def calibrate(engine: Engine, family: list[Tree], steps: int = 5) -> CostTable:
     """Seconds of one decode step for each batch size (powers of 2 up to the engine's maximum, and
-    it) and each tree of the family: the median of `steps` timed steps after an untimed one, each
-    pair on a new batch of that many 8-token prompts."""
+    it) and each tree of the family: the median of `steps` timed steps after an untimed one, on a
+    batch of that many 8-token prompts (a new one when the sequences would outgrow the context)."""
     top = engine.max_batch_size
     sizes = sorted({top} | {2**i for i in range(top.bit_length()) if 2**i < top})
     prompt = [i % engine.model.config.vocab_size for i in range(1, 9)]
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
     seconds = []
     for b in sizes:
-        row = []
+        batch, row = None, []
         for tree in family:
-            batch = engine.new_batch()
-            engine.admit(batch, [Request(f"calibrate-{i}", prompt, engine.max_context - len(prompt), ignore_eos=True)
-                                 for i in range(b)])
+            if batch is None or max(batch.host_lengths) + (steps + 1) * (tree.depth + 1) >= engine.max_context:
+                batch = None  # free the old cache before allocating the new one
+                batch = engine.new_batch()
+                engine.admit(batch, [Request(f"calibrate-{i}", prompt, engine.max_context - len(prompt),
+                                             ignore_eos=True) for i in range(b)])
             batch.trees = [tree] * b
             times = []
             for _ in range(steps + 1):

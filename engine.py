@@ -35,7 +35,7 @@ class Batch:
     cache: KVCache
     lengths: torch.Tensor  # [slots] tokens in each slot's cache
     next_tokens: torch.Tensor  # [slots] each sequence's last emitted token: the root of its next tree
-    proposals: torch.Tensor  # [slots, K, topk] heads' ranked tokens for the next tree
+    hidden: torch.Tensor  # [slots, H] each sequence's last hidden state: what the heads propose from
     seqs: list[Sequence]
     trees: list[Tree]
     host_lengths: list[int]  # lengths, as the host knows them without reading the device
@@ -79,9 +79,9 @@ class Engine:
             cfg.num_hidden_layers, slots, self.model.kv_heads, capacity, head_dim, self.model.dtype, dev
         )
         zeros = torch.zeros(slots, dtype=torch.long, device=dev)
-        proposals = torch.zeros(slots, self.model.num_heads, self.tree.topk, dtype=torch.long, device=dev)
+        hidden = torch.zeros(slots, cfg.hidden_size, dtype=self.model.dtype, device=dev)
         graphs = StepGraphs() if self.cuda_graphs else None
-        return Batch(cache, zeros.clone(), zeros.clone(), proposals, [], [], [0] * slots, graphs)
+        return Batch(cache, zeros.clone(), zeros.clone(), hidden, [], [], [0] * slots, graphs)
 
     def free_slots(self, batch: Batch) -> int:
         return self.max_batch_size - len(batch.seqs)
@@ -156,7 +156,7 @@ class Engine:
             if new != old:
                 batch.cache.copy_slot(old, new, int(batch.lengths[old]))
         index = torch.tensor(keep, dtype=torch.long, device=batch.lengths.device)
-        for t in (batch.lengths, batch.next_tokens, batch.proposals):
+        for t in (batch.lengths, batch.next_tokens, batch.hidden):
             t[: len(keep)] = t[index]
         batch.host_lengths[: len(keep)] = [batch.host_lengths[i] for i in keep]
         batch.seqs = [batch.seqs[i] for i in keep]
@@ -172,11 +172,13 @@ class Engine:
         batch.trees = [tree if s.request.speculative else ROOT for s in batch.seqs]
 
     def _propose(self, batch: Batch, rows: slice, trees: StepTrees) -> torch.Tensor:
-        """Candidate tokens [B, T]: the root, then each node's rank-r token from its head."""
+        """Candidate tokens [B, T]: the root, then each node's rank-r token from its head. The heads run
+        only for a step that verifies more than roots: standard decoding, and a step whose adaptive
+        tree is root only, pay nothing for them."""
         roots = batch.next_tokens[rows, None]
         if trees.num_nodes == 1:
             return roots
-        proposals = batch.proposals[rows]  # [B, K, topk]
+        proposals = self.model.head_logits(batch.hidden[rows]).topk(self.tree.topk, dim=-1).indices  # [B, K, topk]
         flat = trees.heads * proposals.shape[-1] + trees.ranks
         nodes = proposals.flatten(1).gather(1, flat)
         return torch.cat([roots, nodes[:, 1:]], dim=1)
@@ -253,12 +255,9 @@ class Engine:
         return out
 
     def _set_next(self, batch: Batch, rows: slice, roots: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Record each sequence's next root and, from its hidden state [B, H], the heads' proposals
-        (skipped when every sequence in `rows` decodes with the root alone: standard decoding pays
-        nothing for the heads)."""
+        """Record each sequence's next root and its hidden state [B, H], for the next step's heads."""
         batch.next_tokens[rows] = roots
-        if any(tree.num_nodes > 1 for tree in batch.trees[rows]):
-            batch.proposals[rows] = self.model.head_logits(hidden).topk(self.tree.topk, dim=-1).indices
+        batch.hidden[rows] = hidden
 
     def _forward(
         self,

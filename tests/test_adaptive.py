@@ -137,3 +137,15 @@ def test_the_whole_tree_where_verifying_is_free(http):
     info = http.get("/info").json()
     assert info["adaptive_tree"] is True and info["tree_in_use"] == info["tree"]
     assert f'medusa_speculative_steps_total{{nodes="{info["tree"]["nodes"]}"}}' in http.get("/metrics").text
+
+
+def test_the_gpu_projection_script_prints_a_tree_per_batch_size(capsys):
+    from scripts.adaptive_projection import main
+
+    main(["--max-tokens", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line[:2] == "| " and line[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16, 24, 32]
+    nodes, ratios = [int(r[1]) for r in rows], [float(r[4].strip().rstrip("x")) for r in rows]
+    assert nodes == sorted(nodes, reverse=True)  # the tree only shrinks as the batch grows
+    assert all(r >= 1.0 for r in ratios)  # never a tree the cost model says is slower than root only
