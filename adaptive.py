@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import statistics
@@ -130,7 +131,7 @@ class TreeChooser:
 # ---- the cost table: measured once per model, device, dtype and tree ----------------------------------
 
 
-def calibrate(engine: Engine, family: list[Tree], steps: int = 5) -> CostTable:
+def calibrate(engine: Engine, family: list[Tree], steps: int = 8) -> CostTable:
     """Seconds of one decode step for each batch size (powers of 2 up to the engine's maximum, and
     it) and each tree of the family: the median of `steps` timed steps after an untimed one, on a
     batch of that many 8-token prompts (a new one when the sequences would outgrow the context)."""
@@ -156,8 +157,17 @@ def calibrate(engine: Engine, family: list[Tree], steps: int = 5) -> CostTable:
                 sync()
                 times.append(time.perf_counter() - start)
             row.append(statistics.median(times[1:]))
-        seconds.append(tuple(row))
-    return CostTable(tuple(sizes), tuple(t.num_nodes for t in family), tuple(seconds))
+        seconds.append(row)
+    return CostTable(tuple(sizes), tuple(t.num_nodes for t in family), non_decreasing(seconds))
+
+
+def non_decreasing(seconds: list[list[float]]) -> tuple[tuple[float, ...], ...]:
+    """Rows (batch sizes) x columns (tokens) raised so that more tokens or more sequences never cost
+    less: a noisy machine can time a bigger step as cheaper."""
+    rows = [list(itertools.accumulate(row, max)) for row in seconds]
+    for above, below in zip(rows, rows[1:]):
+        below[:] = [max(a, b) for a, b in zip(above, below)]
+    return tuple(map(tuple, rows))
 
 
 def cost_table(engine: Engine, family: list[Tree], key: dict, cache_dir: Path) -> CostTable:

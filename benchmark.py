@@ -185,7 +185,8 @@ def request_rows(phases: list[Phase]) -> list[dict]:
     return rows
 
 
-def plot(summary: list[dict], path: Path, title: str) -> None:
+def plot(summary: list[dict], path: Path, title: str, tree_nodes: int | None = None) -> None:
+    """Tokens/s, p50 latencies and the adaptive tree's size (up to `tree_nodes`, the whole tree) by concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,6 +204,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
         trees = [(r["concurrency"], r["tree_nodes"]) for r in rows if r.get("tree_nodes") is not None]
         if trees:  # where the adaptive tree shrinks
             right.plot(*zip(*trees), style, label=f"{mode}: tokens verified per sequence (mean)")
+            right.set_ylim(0, max(max(n for _, n in trees), tree_nodes or 0) + 1)
     for ax, ylabel in ((left, "output tokens/s"), (middle, "p50 latency (ms)"), (right, "tree nodes in use")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -375,7 +377,7 @@ def main() -> None:
     title = (f"{info['model']} ({info['tree']['name']}, {info['tree']['nodes']} nodes), {info['device']} "
              f"{info['dtype']}{threads}, max batch {info['max_batch_size']}, {args.max_tokens} tokens per request, "
              f"median of {args.repeats}")
-    plot(summary, args.out / "benchmark.png", title)
+    plot(summary, args.out / "benchmark.png", title, info["tree"]["nodes"])
     result = baseline and baseline.result()
     lines = checks(summary, result)
     (args.out / "run.json").write_text(json.dumps({"command": vars(args) | {"out": str(args.out), "prompts": str(

@@ -149,3 +149,9 @@ def test_the_gpu_projection_script_prints_a_tree_per_batch_size(capsys):
     nodes, ratios = [int(r[1]) for r in rows], [float(r[4].strip().rstrip("x")) for r in rows]
     assert nodes == sorted(nodes, reverse=True)  # the tree only shrinks as the batch grows
     assert all(r >= 1.0 for r in ratios)  # never a tree the cost model says is slower than root only
+
+
+def test_a_measured_table_never_says_a_bigger_step_is_cheaper():
+    noisy = [[1.0, 3.0, 2.0, 4.0],   # batch 1: 3 tokens timed cheaper than 2
+             [0.5, 2.5, 5.0, 4.5]]   # batch 2: cheaper than batch 1 at 1 and 2 tokens, 5 cheaper than 3
+    assert adaptive.non_decreasing(noisy) == ((1.0, 3.0, 3.0, 4.0), (1.0, 3.0, 5.0, 5.0))
