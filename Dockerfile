@@ -1,7 +1,8 @@
 # The service on a CUDA host. Not built in CI (no GPU, no registry); see the README.
 #   docker build -t medusa-serve .
 #   docker run --gpus all -p 8000:8000 -e MODEL_NAME=lmsys/vicuna-7b-v1.3 \
-#     -e MEDUSA_HEADS=FasterDecoding/medusa-vicuna-7b-v1.3 -v hf-cache:/home/medusa/.cache/huggingface medusa-serve
+#     -e MEDUSA_HEADS=FasterDecoding/medusa-vicuna-7b-v1.3 -v medusa-cache:/home/medusa/.cache medusa-serve
+# (the volume keeps downloaded weights and the measured step cost tables between runs)
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -30,7 +31,8 @@ COPY models/ models/
 USER 10001
 ENV HOST=0.0.0.0 \
     PORT=8000 \
-    HF_HOME=/home/medusa/.cache/huggingface
+    HF_HOME=/home/medusa/.cache/huggingface \
+    COST_CACHE_DIR=/home/medusa/.cache/medusa-service
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]

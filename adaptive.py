@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -46,14 +47,27 @@ class CostTable:
         rows = [_interpolate(self.tokens, row, tokens) for row in self.seconds]
         return _interpolate(self.batch_sizes, rows, batch)
 
+    def __post_init__(self):
+        for axis in (self.batch_sizes, self.tokens):
+            if not axis or list(axis) != sorted(set(axis)) or axis[0] < 1:
+                raise ValueError(f"cost table: {list(axis)} must be increasing whole numbers >= 1")
+        if len(self.seconds) != len(self.batch_sizes) or any(len(r) != len(self.tokens) for r in self.seconds):
+            raise ValueError("cost table: seconds must have a row per batch size and a column per token count")
+        if not all(s > 0 for row in self.seconds for s in row):
+            raise ValueError("cost table: every step must take more than 0 seconds")
+
     @classmethod
     def load(cls, path: str | Path) -> CostTable:
         data = json.loads(Path(path).read_text())
         return cls(tuple(data["batch_sizes"]), tuple(data["tokens"]), tuple(map(tuple, data["seconds"])))
 
     def save(self, path: Path) -> None:
+        """Written whole or not at all (a temporary file renamed): a server starting beside this one
+        never reads half a table."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(partial, path)
 
 
 def _interpolate(xs: tuple[int, ...], ys, x: float) -> float:
@@ -138,12 +152,17 @@ def calibrate(engine: Engine, family: list[Tree], steps: int = 8) -> CostTable:
     top = engine.max_batch_size
     sizes = sorted({top} | {2**i for i in range(top.bit_length()) if 2**i < top})
     prompt = [i % engine.model.config.vocab_size for i in range(1, 9)]
+    room = engine.max_context - len(prompt) - 1  # tokens a sequence may still take after its first
+    if room < 2 * (family[-1].depth + 1):
+        raise ValueError(f"a context of {engine.max_context} tokens is too short to time the tree's steps; "
+                         "set COST_TABLE or ADAPTIVE_TREE=false")
+    steps = min(steps, room // (family[-1].depth + 1) - 1)
     sync = torch.cuda.synchronize if engine.model.device.type == "cuda" else (lambda: None)
     seconds = []
     for b in sizes:
         batch, row = None, []
         for tree in family:
-            if batch is None or max(batch.host_lengths) + (steps + 1) * (tree.depth + 1) >= engine.max_context:
+            if batch is None or max(batch.host_lengths) + (steps + 1) * (tree.depth + 1) > engine.max_context - 1:
                 batch = None  # free the old cache before allocating the new one
                 batch = engine.new_batch()
                 engine.admit(batch, [Request(f"calibrate-{i}", prompt, engine.max_context - len(prompt),
@@ -179,8 +198,12 @@ def cost_table(engine: Engine, family: list[Tree], key: dict, cache_dir: Path) -
         return CostTable.load(path)
     start = time.perf_counter()
     table = calibrate(engine, family)
-    table.save(path)
-    (cache_dir / f"costs-{digest}.key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
-    log.info("step costs measured in %.1f s, saved to %s", time.perf_counter() - start, path)
+    try:
+        (cache_dir / f"costs-{digest}.key.json").parent.mkdir(parents=True, exist_ok=True)
+        (cache_dir / f"costs-{digest}.key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        table.save(path)
+        log.info("step costs measured in %.1f s, saved to %s", time.perf_counter() - start, path)
+    except OSError as e:  # a read-only cache costs a measurement at each start, nothing more
+        log.warning("step costs measured in %.1f s; not cached (%s)", time.perf_counter() - start, e)
     return table
 

@@ -2,8 +2,10 @@
 and the service under a real uvicorn server, shared by the HTTP tests of one session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("COST_CACHE_DIR", os.path.join(tempfile.mkdtemp(prefix="medusa-costs-"), "costs"))  # not ~/.cache
 
 import contextlib  # noqa: E402  (after the environment is set)
 import threading  # noqa: E402

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from settings import Settings
 from tree import ROOT, Tree, load_tree, preset
+
+COST_SCHEMA = 2  # how cost tables are measured: a new value retires the tables cached before it
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,24 @@ def step_costs(settings: Settings, engine: Engine) -> CostTable:
     if settings.cost_table:
         return CostTable.load(settings.cost_table)
     device = engine.model.device
-    key = {"model": settings.model_name, "heads": settings.heads(), "revision": settings.revision,
-           "tree": [list(p) for p in engine.tree.paths], "max_batch_size": engine.max_batch_size,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} "
-                     f"{platform.processor()} x{os.cpu_count()}", "threads": torch.get_num_threads(),
-           "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed, "tp_size": settings.tp_size,
-           "cuda_graphs": engine.cuda_graphs, "torch": torch.__version__}
+    key = {"schema": COST_SCHEMA, "model": settings.model_name, "heads": settings.heads(),
+           "revision": settings.revision, "tree": [list(p) for p in engine.tree.paths],
+           "max_batch_size": engine.max_batch_size, "max_context": engine.max_context,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+           "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed,
+           "tp_size": settings.tp_size, "cuda_graphs": engine.cuda_graphs,
+           "versions": {name: metadata.version(name) for name in ("torch", "transformers", "deepspeed")}}
     return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count (platform.processor() is often empty on Linux)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def choose_tree(settings: Settings, num_heads: int) -> Tree:

@@ -147,8 +147,26 @@ def test_the_gpu_projection_script_prints_a_tree_per_batch_size(capsys):
     rows = [line.split("|")[1:-1] for line in lines if line[:2] == "| " and line[2].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16, 24, 32]
     nodes, ratios = [int(r[1]) for r in rows], [float(r[4].strip().rstrip("x")) for r in rows]
-    assert nodes == sorted(nodes, reverse=True)  # the tree only shrinks as the batch grows
-    assert all(r >= 1.0 for r in ratios)  # never a tree the cost model says is slower than root only
+    assert nodes == sorted(nodes, reverse=True) and nodes[0] > nodes[-1]  # the tree shrinks as the batch grows
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] > 1.0  # speculation pays less, but still pays
+
+
+def test_a_cost_table_that_makes_no_sense_is_refused():
+    with pytest.raises(ValueError, match="more than 0 seconds"):
+        CostTable((1,), (1, 2), ((0.01, 0.0),))
+    with pytest.raises(ValueError, match="increasing"):
+        CostTable((8, 1), (1,), ((0.01,), (0.01,)))
+    with pytest.raises(ValueError, match="a row per batch size"):
+        CostTable((1, 8), (1,), ((0.01,),))
+
+
+def test_a_context_too_short_to_time_the_tree_is_a_clear_error(toy):
+    model, tokenizer = toy
+    engine = Engine(model, tokenizer, tree=CHAIN4, max_batch_size=1, max_context=16)
+    with pytest.raises(ValueError, match="too short to time"):
+        adaptive.calibrate(engine, nested_family(CHAIN4))
+    short = Engine(model, tokenizer, tree=CHAIN4, max_batch_size=2, max_context=32)  # room for 4 steps, not 9
+    assert adaptive.calibrate(short, nested_family(CHAIN4)).batch_sizes == (1, 2)
 
 
 def test_a_measured_table_never_says_a_bigger_step_is_cheaper():
