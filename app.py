@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from batch_processor import DynamicBatcher, EngineFailure, LoadError, QueueFull, RequestTimeout
 from completions import BadRequest, Completion, Limits, max_prompt_chars
+from engine_core import follow
 from metrics import ServiceMetrics
 from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
 from security import key_guard, make_limiter
@@ -194,7 +195,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             "num_heads": served.num_heads, "tree": served.tree.describe(), "adaptive_tree": served.adaptive,
             "tree_in_use": batcher.tree_in_use, "device": served.device,
             "dtype": served.dtype, "deepspeed": served.deepspeed, "threads": served.threads,
-            "cuda_graphs": served.cuda_graphs, "engine_pid": batcher.pid,
+            "cuda_graphs": served.cuda_graphs, "engine_pid": batcher.pid, "tp_size": settings.resolved_tp_size(),
             "max_batch_size": served.max_batch_size, "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size, "max_context": served.max_context,
             "max_tokens_limit": settings.max_tokens_limit, "running": batcher.running,
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     SHUTDOWN_GRACE_S to finish; then uvicorn re-raises the signal (exit status 143 for SIGTERM, which
     process managers read as a clean stop). A model that fails to load stops the server: status 1."""
     settings = settings_from_command_line(argv)
+    if settings.rank > 0:  # a tensor-parallel rank under a launcher: rank 0's engine process leads it
+        return follow(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

@@ -21,9 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+import torch
+
+from adaptive import TreeChooser
 from engine import Batch, Engine
 from sequence import Event, Request, Sequence
-from serving import Served
+from serving import Served, load_served
 from settings import Settings
 
 log = logging.getLogger("medusa.engine")
@@ -84,22 +87,64 @@ class Report:
 
 def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multiprocessing.Queue,
           outbox: Connection) -> None:
-    """The engine process's main: load, say what was loaded (ServedInfo) or why not, then loop."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """The engine process's main (tensor-parallel rank 0 when there are several): load, say what was
+    loaded (ServedInfo) or why not, then loop."""
+    _log_like(settings)
     os.setpgrp()  # out of the server's process group: Ctrl-C there lets the HTTP process drain, then stop this one
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     try:
-        served = loader(settings)
+        served, lockstep = _load(loader, settings)
     except Exception as e:
         log.exception("model failed to load")
         outbox.send(LoadFailed(f"model failed to load: {e}"))
         return
     outbox.send(served.info())
     try:
-        EngineCore(served.engine, settings.max_wait_ms, inbox, outbox).run()
+        EngineCore(served.engine, settings.max_wait_ms, inbox, outbox, lockstep).run()
     except BaseException:  # the HTTP process sees the pipe close and fails what was in flight
         log.exception("the engine loop stopped")
         raise SystemExit(1) from None
+
+
+def follow(settings: Settings, loader: Callable[[Settings], Served] = load_served) -> None:
+    """A tensor-parallel rank other than 0 (`deepspeed --num_gpus N app.py` starts one per GPU): no
+    HTTP; it loads its shard and runs the rounds that rank 0 shares, until rank 0 stops."""
+    _log_like(settings)
+    served, lockstep = _load(loader, settings)
+    EngineCore(served.engine, settings.max_wait_ms, None, None, lockstep).run()
+
+
+class Lockstep:
+    """Tensor-parallel ranks run the same rounds: rank 0, fed by the HTTP process, sends each round's
+    plan (its arrivals and cancels, or None to stop) to the others over a CPU (gloo) group, and every
+    rank then runs that round, whose forwards all-reduce between them."""
+
+    def __init__(self, settings: Settings):
+        import deepspeed  # slow to import: only tensor-parallel ranks need it here
+
+        backend = "nccl" if settings.resolved_device().startswith("cuda") else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=settings.rank,
+                                   world_size=settings.world_size)  # MASTER_ADDR and MASTER_PORT: the launcher's
+        self.group = torch.distributed.new_group(backend="gloo")
+
+    def share(self, plan):
+        """Rank 0's `plan`, on every rank."""
+        box = [plan]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def _load(loader: Callable[[Settings], Served], settings: Settings) -> tuple[Served, Lockstep | None]:
+    lockstep = Lockstep(settings) if settings.world_size > 1 else None
+    served = loader(settings)
+    if lockstep is not None and served.engine.chooser is not None:  # each rank timed its own steps:
+        costs = lockstep.share(served.engine.chooser.costs)  # all take rank 0's, so that all choose alike
+        served.engine.chooser = TreeChooser(served.tree, costs)
+    return served, lockstep
+
+
+def _log_like(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _exit_with_parent() -> None:
@@ -110,8 +155,13 @@ def _exit_with_parent() -> None:
 
 
 class EngineCore:
-    def __init__(self, engine: Engine, max_wait_ms: float, inbox: multiprocessing.Queue, outbox: Connection):
+    """The loop. On rank 0 (or alone) the inbox and outbox connect it to the HTTP process; a follower
+    rank has neither and runs the plans its lockstep receives."""
+
+    def __init__(self, engine: Engine, max_wait_ms: float, inbox: multiprocessing.Queue | None,
+                 outbox: Connection | None, lockstep: Lockstep | None = None):
         self.engine, self.max_wait, self.inbox, self.outbox = engine, max_wait_ms / 1000, inbox, outbox
+        self.lockstep = lockstep
         self.waiting: deque[Request] = deque()
         self.cancels: set[str] = set()
         self.admitted_at: dict[str, float] = {}  # running request id -> time.perf_counter() at admission
@@ -119,13 +169,17 @@ class EngineCore:
 
     def run(self) -> None:
         batch = self.engine.new_batch()
-        while not self.stopping:
-            self._receive(block=not self.waiting and not batch.seqs)
-            if self.stopping:
+        while True:
+            plan = self._plan(batch) if self.inbox is not None else None
+            if self.lockstep is not None:
+                plan = self.lockstep.share(plan)
+            if plan is None:
                 return
-            if not batch.seqs and self.max_wait > 0:
-                self._gather()
-            arrivals = self._admit(batch)
+            arrivals, cancels = plan
+            for request_id in cancels:
+                batch.cancel(request_id)
+            now = time.perf_counter()
+            self.admitted_at.update((r.id, now) for r in arrivals)
             if not arrivals and not batch.seqs:  # only cancels of finished requests came
                 continue
             report = Report()
@@ -141,7 +195,15 @@ class EngineCore:
                 batch = None  # free the old cache before allocating the new one
                 batch = self.engine.new_batch()
             report.seconds = time.perf_counter() - start
-            self.outbox.send(report)
+            if self.outbox is not None:
+                self.outbox.send(report)
+
+    def _plan(self, batch: Batch) -> tuple[list[Request], set[str]] | None:
+        """The next round's arrivals and cancels, from the HTTP process's messages; None: stop."""
+        self._receive(block=not self.waiting and not batch.seqs)
+        if not self.stopping and not batch.seqs and self.max_wait > 0:
+            self._gather()
+        return None if self.stopping else self._admit(batch)
 
     def _receive(self, block: bool) -> None:
         """Take every message waiting; if `block`, first wait for one."""
@@ -173,23 +235,18 @@ class EngineCore:
             except queue.Empty:
                 return
 
-    def _admit(self, batch: Batch) -> list[Request]:
+    def _admit(self, batch: Batch) -> tuple[list[Request], set[str]]:
         """Cancels first (waiting ones are dropped, running ones end at this round), then FIFO into the
         free slots. Said at once, before the round's forwards, so that the HTTP process counts them."""
-        dropped = []
-        if self.cancels:
-            dropped = [r.id for r in self.waiting if r.id in self.cancels]
-            self.waiting = deque(r for r in self.waiting if r.id not in self.cancels)
-            for request_id in self.cancels:
-                batch.cancel(request_id)
-            self.cancels = set()
+        cancels, self.cancels = self.cancels, set()
+        dropped = [r.id for r in self.waiting if r.id in cancels]
+        if dropped:
+            self.waiting = deque(r for r in self.waiting if r.id not in cancels)
         free = self.engine.free_slots(batch)
         arrivals = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-        now = time.perf_counter()
-        self.admitted_at.update((r.id, now) for r in arrivals)
         if arrivals or dropped:
             self.outbox.send(Report(admitted=[r.id for r in arrivals], dropped=dropped))
-        return arrivals
+        return arrivals, cancels
 
     def _round(self, batch: Batch, arrivals: list[Request], report: Report) -> None:
         report.events = self.engine.admit(batch, arrivals)

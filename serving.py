@@ -64,7 +64,7 @@ def load_served(settings: Settings) -> Served:
     if settings.resolved_device() == "cpu":
         torch.set_num_threads(settings.resolved_cpu_threads())
     model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
-                                         dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.tp_size,
+                                         dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.resolved_tp_size(),
                                          revision=settings.revision)
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
@@ -84,7 +84,7 @@ def step_costs(settings: Settings, engine: Engine) -> CostTable:
            "max_batch_size": engine.max_batch_size, "max_context": engine.max_context,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed,
-           "tp_size": settings.tp_size, "cuda_graphs": engine.cuda_graphs,
+           "tp_size": settings.resolved_tp_size(), "cuda_graphs": engine.cuda_graphs,
            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "deepspeed")}}
     return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())
 

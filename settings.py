@@ -29,7 +29,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference")
-    tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree")
+    tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree; under a launcher: its world size")
+    # set by the `deepspeed` (or torchrun) launcher for each process it starts
+    rank: int = Field(0, ge=0, description="this process's rank: rank 0 serves HTTP, the others follow its rounds")
+    world_size: int = Field(1, ge=1, description="processes launched: the tensor-parallel degree when more than 1")
+    local_rank: int = Field(0, ge=0, description="this process's GPU on its machine")
     cuda_graphs: bool = Field(True, description="on CUDA, replay each decode step's forward as a captured CUDA graph")
     adaptive_tree: bool = Field(True, description="choose each step's tree for its batch, from the whole tree down to "
                                                   "root only, by measured step costs and acceptance; false: always "
@@ -82,11 +86,15 @@ class Settings(BaseSettings):
         return self.served_model_name or Path(self.model_name.rstrip("/")).name
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        device = self.device
+        if device == "auto":
+            import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.world_size > 1 else device
+
+    def resolved_tp_size(self) -> int:
+        return self.world_size if self.world_size > 1 else self.tp_size
 
     def resolved_cpu_threads(self) -> int:
         """Decoding threads that busy-wait on every core make the event loop (and clients on the same

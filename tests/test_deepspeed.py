@@ -4,11 +4,17 @@ wrapped model decodes exactly as the plain one."""
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from deepspeed.inference.engine import InferenceEngine
+from fastapi.testclient import TestClient
 
+from app import create_app
 from engine import Engine
+from engine_core import follow
 from load_medusa_from_hf import load_medusa_model
 from medusa_model import MedusaModel, wrap_with_deepspeed
 from sequence import Request
@@ -62,3 +68,35 @@ def test_a_tensor_parallel_rank_caches_only_its_share_of_the_kv_heads(toy):
         ranked = MedusaModel(model.model, model.heads, tp_size=tp_size)
         cache = Engine(ranked, tokenizer, max_batch_size=2).new_batch().cache
         assert ranked.kv_heads == heads // tp_size and cache.k.shape[2] == cache.v.shape[2] == heads // tp_size
+
+
+def test_two_tensor_parallel_ranks_answer_what_one_process_answers(settings, http, wait_ready, monkeypatch):
+    """What `deepspeed --num_gpus 2 app.py` starts, on the CPU with gloo: rank 0 serves HTTP and its
+    engine process leads; rank 1 holds the other half of every layer and follows rank 0's rounds.
+    Greedy and seeded answers, one request or several at once, equal the single-process server's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_SIZE": "2", "CROSS_RANK": "0",
+                "CROSS_SIZE": "1"}  # as the deepspeed launcher sets them; the spawned processes inherit them
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    ranks = [settings.model_copy(update={"world_size": 2, "rank": r, "local_rank": r}) for r in (0, 1)]
+    follower = multiprocessing.get_context("spawn").Process(target=follow, args=(ranks[1],), daemon=True)
+    follower.start()
+    bodies = [{"prompt": ["def read_config(path):", "class Stack:\n", "import os\n"], "max_tokens": 24},
+              {"prompt": "for i in range(10):\n", "max_tokens": 24, "speculative": False},
+              {"prompt": "def f(x):", "max_tokens": 16, "temperature": 0.8, "seed": 7}]
+    try:
+        with TestClient(create_app(ranks[0])) as c, ThreadPoolExecutor(len(bodies)) as pool:
+            wait_ready(c.get)
+            assert c.get("/info").json()["tp_size"] == 2
+            together = list(pool.map(lambda body: c.post("/v1/completions", json=body), bodies))
+            for body, answer in zip(bodies, together):
+                texts = [choice["text"] for choice in answer.json()["choices"]]
+                alone = [choice["text"] for choice in http.post("/v1/completions", json=body).json()["choices"]]
+                assert texts == alone, body
+        follower.join(30)
+        assert follower.exitcode == 0  # rank 0 stopping stops the followers
+    finally:
+        follower.kill()
