@@ -73,7 +73,6 @@ class Ticket:
             yield item
 
 
-
 class DynamicBatcher:
     STOP_TIMEOUT_S = 30.0  # for the engine process to finish its round and exit
 
@@ -228,7 +227,7 @@ class DynamicBatcher:
     def _fail(self, request_ids: list[str]) -> None:
         """Fail the tickets of these requests (the details are in the log, not in the answer), and
         cancel their other choices."""
-        tickets = list({id(t): t for t, _ in map(self._owner.get, request_ids) if t is not None}.values())
+        tickets = list({id(t): t for t, _ in (self._owner[r] for r in request_ids if r in self._owner)}.values())
         for ticket in tickets:
             self.cancel(ticket)
             for r in ticket.requests:

@@ -441,3 +441,21 @@ def test_a_text_that_cannot_fit_is_refused_without_tokenising_it():
     assert refused.value.param == "prompt"
     with pytest.raises(BadRequest, match="exceeds the context"):  # under the bound: tokenised, then measured
         tokenize(CompletionRequest(prompt="x = 1\n" * (bound // 6)), tokenizer, limits)
+
+
+def test_a_failure_naming_requests_already_answered_fails_only_the_others(settings):
+    """A failed round can name a choice whose request already failed (its sibling's earlier round):
+    that one is skipped, the others' tickets get the failure."""
+    from batch_processor import DynamicBatcher, EngineFailure
+    from metrics import ServiceMetrics
+
+    async def scenario():
+        batcher = DynamicBatcher(settings, load_served, ServiceMetrics())
+        batcher.dead = True  # no engine process: nothing to send cancels to
+        ticket = Ticket([Request("a", [1]), Request("b", [2])])
+        batcher._owner = {"a": (ticket, 0), "b": (ticket, 1)}
+        batcher._fail(["gone-already", "a"])
+        return ticket.updates.get_nowait(), batcher._owner
+
+    failure, owners = asyncio.run(scenario())
+    assert isinstance(failure, EngineFailure) and owners == {}
