@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from batch_processor import DynamicBatcher, EngineFailure, LoadError, QueueFull, RequestTimeout
 from completions import BadRequest, Completion, Limits, max_prompt_chars
-from engine_core import follow
+from engine_core import configure_logging, follow
 from metrics import ServiceMetrics
 from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
 from security import key_guard, make_limiter
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from_command_line(argv)
     if settings.rank > 0:  # a tensor-parallel rank under a launcher: rank 0's engine process leads it
         return follow(settings)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     import uvicorn
 
     def stop() -> None:

@@ -89,7 +89,7 @@ def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multi
           outbox: Connection) -> None:
     """The engine process's main (tensor-parallel rank 0 when there are several): load, say what was
     loaded (ServedInfo) or why not, then loop."""
-    _log_like(settings)
+    configure_logging(settings)
     os.setpgrp()  # out of the server's process group: Ctrl-C there lets the HTTP process drain, then stop this one
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     try:
@@ -109,7 +109,7 @@ def serve(loader: Callable[[Settings], Served], settings: Settings, inbox: multi
 def follow(settings: Settings, loader: Callable[[Settings], Served] = load_served) -> None:
     """A tensor-parallel rank other than 0 (`deepspeed --num_gpus N app.py` starts one per GPU): no
     HTTP; it loads its shard and runs the rounds that rank 0 shares, until rank 0 stops."""
-    _log_like(settings)
+    configure_logging(settings)
     served, lockstep = _load(loader, settings)
     EngineCore(served.engine, settings.max_wait_ms, None, None, lockstep).run()
 
@@ -143,7 +143,8 @@ def _load(loader: Callable[[Settings], Served], settings: Settings) -> tuple[Ser
     return served, lockstep
 
 
-def _log_like(settings: Settings) -> None:
+def configure_logging(settings: Settings) -> None:
+    """The same log lines from every process of the service."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
