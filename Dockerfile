@@ -1,6 +1,6 @@
 # The service on a CUDA host. Not built in CI (no GPU, no registry); see the README.
 #   docker build -t medusa-serve .
-#   docker run --gpus all -p 8000:8000 -e MODEL_NAME=lmsys/vicuna-7b-v1.3 \
+#   docker run --gpus all --restart on-failure -p 8000:8000 -e MODEL_NAME=lmsys/vicuna-7b-v1.3 \
 #     -e MEDUSA_HEADS=FasterDecoding/medusa-vicuna-7b-v1.3 -v medusa-cache:/home/medusa/.cache medusa-serve
 # (the volume keeps downloaded weights and the measured step cost tables between runs)
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04

@@ -71,24 +71,30 @@ class BodyLimit:
 
 
 def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_served,
-               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+               on_engine_lost: Callable[[str], None] | None = None) -> FastAPI:
     """The service; `loader` builds what is served, in the engine process (so it must pickle: a
-    module-level function). `on_load_failure` is called once the model has failed to load (`python
-    app.py` stops the server and exits non-zero; without it /health stays 503 with the message)."""
+    module-level function). `on_engine_lost(reason)` is called once if the model fails to load or the
+    engine process exits while serving (`python app.py` then stops the server and exits non-zero, so
+    that a process manager or the `deepspeed` launcher restarts or stops the whole service; without it
+    /health stays 503 with the reason)."""
     metrics = ServiceMetrics()
     state: dict = {"served": None, "limits": None, "batcher": None, "load_error": None}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = state["batcher"] = DynamicBatcher(settings, loader, metrics)
+        def engine_exited() -> None:
+            if on_engine_lost is not None:
+                on_engine_lost("the engine process exited while serving; see the log above")
+
+        batcher = state["batcher"] = DynamicBatcher(settings, loader, metrics, on_exit=engine_exited)
 
         async def load():
             try:
                 served = await batcher.start()
             except LoadError as e:
                 state["load_error"] = str(e)
-                if on_load_failure is not None:
-                    on_load_failure()
+                if on_engine_lost is not None:
+                    on_engine_lost(str(e))
                 return
             state["limits"] = await asyncio.to_thread(limits_of, served, settings)
             state["served"] = served
@@ -283,22 +289,27 @@ async def until_done_or_disconnected(updates, http: Request, poll_s: float = 0.2
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGINT/SIGTERM, which stop new connections and give requests in flight
     SHUTDOWN_GRACE_S to finish; then uvicorn re-raises the signal (exit status 143 for SIGTERM, which
-    process managers read as a clean stop). A model that fails to load stops the server: status 1."""
+    process managers read as a clean stop). A model that fails to load, or an engine process that
+    exits while serving, stops the server: status 1 (under the `deepspeed` launcher, which then stops
+    the other ranks too)."""
     settings = settings_from_command_line(argv)
     if settings.rank > 0:  # a tensor-parallel rank under a launcher: rank 0's engine process leads it
         return follow(settings)
     configure_logging(settings)
     import uvicorn
 
-    def stop() -> None:
+    lost: list[str] = []
+
+    def stop(reason: str) -> None:
+        lost.append(reason)
         server.should_exit = True
 
-    app = create_app(settings, on_load_failure=stop)
+    app = create_app(settings, on_engine_lost=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                            timeout_graceful_shutdown=settings.shutdown_grace_s + 1))
     server.run()
-    if app.state.serving["load_error"]:
-        raise SystemExit(f"exiting: {app.state.serving['load_error']}")
+    if lost:
+        raise SystemExit(f"exiting: {lost[0]}")
 
 
 if __name__ == "__main__":

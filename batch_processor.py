@@ -76,8 +76,10 @@ class Ticket:
 class DynamicBatcher:
     STOP_TIMEOUT_S = 30.0  # for the engine process to finish its round and exit
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], Served], metrics: ServiceMetrics):
-        self.settings, self.loader, self.metrics = settings, loader, metrics
+    def __init__(self, settings: Settings, loader: Callable[[Settings], Served], metrics: ServiceMetrics,
+                 on_exit: Callable[[], None] | None = None):
+        """`on_exit` is called if the engine process exits while serving (not when stop() ends it)."""
+        self.settings, self.loader, self.metrics, self.on_exit = settings, loader, metrics, on_exit
         self.queue_size = settings.queue_size
         self.info: ServedInfo | None = None  # once loaded
         self.batch_sizes: Counter[int] = Counter()  # decode steps by running sequences
@@ -249,6 +251,8 @@ class DynamicBatcher:
             self._loaded.set_exception(LoadError("the engine process exited while loading; see the log"))
         elif not self._stopping:
             log.error("the engine process (pid %s) exited; failing the requests in flight", self._process.pid)
+            if self.on_exit is not None:
+                self.on_exit()
         self._fail(list(self._owner))
         self._inbox.cancel_join_thread()  # nothing reads it any more: exiting must not wait on it
         self._inbox.close()

@@ -309,6 +309,24 @@ def test_the_engine_process_never_outlives_its_server():
         server.kill()
 
 
+def test_a_server_whose_engine_process_dies_answers_its_requests_then_exits_non_zero():
+    """So that a process manager restarts it, and the `deepspeed` launcher stops the ranks that follow it."""
+    server, url = serving()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+            engine = c.get("/info").json()["engine_pid"]
+            long = pool.submit(c.post, "/v1/completions", json={"prompt": "def f():", "max_tokens": 400,
+                                                                "ignore_eos": True})
+            wait_for(lambda: gauges(c)["medusa_requests_running"] == 1)
+            psutil.Process(engine).kill()
+            assert_error(long.result(timeout=30), 500)
+        assert server.wait(timeout=30) == 1
+        assert "exiting: the engine process exited while serving" in server.stderr.read()  # then, maybe, the
+        # resource tracker's warning: the killed process's tqdm lock (a named semaphore) is left to it to remove
+    finally:
+        server.kill()
+
+
 # ---- browsers ----------------------------------------------------------------------------------
 
 
