@@ -187,7 +187,9 @@ class EngineCore:
             start = time.perf_counter()
             try:
                 self._round(batch, arrivals, report)
-            except Exception:  # one failed step fails its requests, never the loop
+            except Exception:  # one failed step fails its requests, never the loop, except in lockstep:
+                if self.lockstep is not None:  # another rank may have stepped fine, and its batch no longer
+                    raise  # matches this one's; every rank stops (the launcher stops the rest)
                 log.exception("engine step failed")
                 report.failed = list(self.admitted_at)  # every admitted sequence not yet reported done
                 self.admitted_at.clear()

@@ -7,6 +7,7 @@ import copy
 import multiprocessing
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from deepspeed.inference.engine import InferenceEngine
@@ -18,6 +19,9 @@ from engine_core import follow
 from load_medusa_from_hf import load_medusa_model
 from medusa_model import MedusaModel, wrap_with_deepspeed
 from sequence import Request
+from serving import load_served
+from tests.http_helpers import assert_error, wait_for
+from tests.test_reliability import POISON, faulty_loader, gone
 from tree import preset
 
 
@@ -70,10 +74,11 @@ def test_a_tensor_parallel_rank_caches_only_its_share_of_the_kv_heads(toy):
         assert ranked.kv_heads == heads // tp_size and cache.k.shape[2] == cache.v.shape[2] == heads // tp_size
 
 
-def test_two_tensor_parallel_ranks_answer_what_one_process_answers(settings, http, wait_ready, monkeypatch):
-    """What `deepspeed --num_gpus 2 app.py` starts, on the CPU with gloo: rank 0 serves HTTP and its
-    engine process leads; rank 1 holds the other half of every layer and follows rank 0's rounds.
-    Greedy and seeded answers, one request or several at once, equal the single-process server's."""
+@contextmanager
+def two_ranks(settings, monkeypatch, wait_ready, loader=load_served):
+    """What `deepspeed --num_gpus 2 app.py` starts, on the CPU with gloo: rank 0 serves HTTP (with
+    `loader`) and its engine process leads; rank 1 holds the other half of every layer and follows
+    rank 0's rounds. Yields rank 0's client, ready, and rank 1's process (joined once rank 0 stops)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,19 +89,40 @@ def test_two_tensor_parallel_ranks_answer_what_one_process_answers(settings, htt
     ranks = [settings.model_copy(update={"world_size": 2, "rank": r, "local_rank": r}) for r in (0, 1)]
     follower = multiprocessing.get_context("spawn").Process(target=follow, args=(ranks[1],), daemon=True)
     follower.start()
+    try:
+        with TestClient(create_app(ranks[0], loader=loader)) as c:
+            wait_ready(c.get)
+            yield c, follower
+        follower.join(30)  # rank 0 has stopped
+    finally:
+        follower.kill()
+
+
+def test_two_tensor_parallel_ranks_answer_what_one_process_answers(settings, http, wait_ready, monkeypatch):
+    """Greedy and seeded answers, one request or several at once, equal the single-process server's."""
     bodies = [{"prompt": ["def read_config(path):", "class Stack:\n", "import os\n"], "max_tokens": 24},
               {"prompt": "for i in range(10):\n", "max_tokens": 24, "speculative": False},
               {"prompt": "def f(x):", "max_tokens": 16, "temperature": 0.8, "seed": 7}]
-    try:
-        with TestClient(create_app(ranks[0])) as c, ThreadPoolExecutor(len(bodies)) as pool:
-            wait_ready(c.get)
-            assert c.get("/info").json()["tp_size"] == 2
+    with two_ranks(settings, monkeypatch, wait_ready) as (c, follower):
+        assert c.get("/info").json()["tp_size"] == 2
+        with ThreadPoolExecutor(len(bodies)) as pool:
             together = list(pool.map(lambda body: c.post("/v1/completions", json=body), bodies))
-            for body, answer in zip(bodies, together):
-                texts = [choice["text"] for choice in answer.json()["choices"]]
-                alone = [choice["text"] for choice in http.post("/v1/completions", json=body).json()["choices"]]
-                assert texts == alone, body
-        follower.join(30)
-        assert follower.exitcode == 0  # rank 0 stopping stops the followers
-    finally:
-        follower.kill()
+        for body, answer in zip(bodies, together):
+            texts = [choice["text"] for choice in answer.json()["choices"]]
+            alone = [choice["text"] for choice in http.post("/v1/completions", json=body).json()["choices"]]
+            assert texts == alone, body
+    assert follower.exitcode == 0  # rank 0 stopping stops the followers
+
+
+def test_a_step_that_fails_in_lockstep_stops_the_engine(settings, wait_ready, monkeypatch):
+    """Alone, a failed step fails only its requests and the loop goes on. In lockstep the ranks that
+    stepped fine no longer hold the same batch, so the engine stops: `python app.py` then exits with
+    status 1 (tests/test_reliability.py), and the launcher stops the other ranks, here rank 1, which
+    waits in that step's all-reduce."""
+    with two_ranks(settings, monkeypatch, wait_ready, loader=faulty_loader) as (c, follower):  # rank 0's steps fail
+        engine = c.get("/info").json()["engine_pid"]
+        assert c.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 8}).status_code == 200
+        assert_error(c.post("/v1/completions", json={"prompt": POISON, "max_tokens": 8}), 500)
+        assert "engine has stopped" in assert_error(c.get("/health"), 503)["message"]
+        wait_for(lambda: gone(engine))
+        follower.kill()  # as the launcher does
