@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from app import create_app
 from settings import Settings
+from tests.http_helpers import assert_error
 
 KEYS = "sk-first-0123456789,sk-second-abcdef"
 BODY = {"prompt": "import os\n", "max_tokens": 2}
@@ -26,13 +27,6 @@ def app_client(settings, wait_ready, client=("testclient", 50000), **changes) ->
     c.__enter__()
     wait_ready(c.get)
     return c
-
-
-def assert_error(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["code"] == status and body["error"]["message"]
-    return body["error"]
 
 
 # ---- API keys ------------------------------------------------------------------------------------
