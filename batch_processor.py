@@ -119,7 +119,7 @@ class DynamicBatcher:
         if self._process is None:
             return
         self._stopping = True
-        if self._process.is_alive() and self._loaded.done() and not self.dead:  # a model still loading is not waited for
+        if self._process.is_alive() and self._loaded.done() and not self.dead:  # not waited for: a model still loading
             self._inbox.put(None)
             await asyncio.to_thread(self._process.join, self.STOP_TIMEOUT_S)
         if self._process.is_alive():
