@@ -199,8 +199,8 @@ def cost_table(engine: Engine, family: list[Tree], key: dict, cache_dir: Path) -
     start = time.perf_counter()
     table = calibrate(engine, family)
     try:
-        (cache_dir / f"costs-{digest}.key.json").parent.mkdir(parents=True, exist_ok=True)
-        (cache_dir / f"costs-{digest}.key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
         table.save(path)
         log.info("step costs measured in %.1f s, saved to %s", time.perf_counter() - start, path)
     except OSError as e:  # a read-only cache costs a measurement at each start, nothing more
