@@ -5,17 +5,21 @@ which serves it with uvicorn. Routes: POST /v1/completions (JSON or SSE), GET /h
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
 from slowapi.errors import RateLimitExceeded
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -31,6 +35,7 @@ from serving import Served, ServedInfo, load_served
 from settings import Settings, settings_from_command_line
 
 log = logging.getLogger("medusa")
+Body = TypeVar("Body", bound=BaseModel)
 STATIC = Path(__file__).with_name("static")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503, 504)}
 FIELD_SHAPES = {  # what union fields accept, for errors that pydantic reports per union branch
@@ -79,6 +84,13 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
     /health stays 503 with the reason)."""
     metrics = ServiceMetrics()
     state: dict = {"served": None, "limits": None, "batcher": None, "load_error": None}
+    # The tokenizer's work (tokenising prompts, decoding log-prob texts and large echoes) runs on one
+    # thread of its own: never on the event loop, and never two calls at once (a fast tokenizer is
+    # not safe to use from several threads).
+    tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+
+    async def offload(fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, functools.partial(fn, *args))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,7 +108,7 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
                 if on_engine_lost is not None:
                     on_engine_lost(str(e))
                 return
-            state["limits"] = await asyncio.to_thread(limits_of, served, settings)
+            state["limits"] = await offload(limits_of, served, settings)
             state["served"] = served
             log.info("serving %s on %s", settings.model_id(), served.device)
 
@@ -104,13 +116,14 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
         yield
         task.cancel()
         await batcher.stop()  # also stops a load still running
+        tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Medusa completions", lifespan=lifespan, responses=ERRORS)
     app.state.settings, app.state.metrics, app.state.serving = settings, metrics, state
     app.state.limiter = make_limiter(settings)
     add_error_handlers(app)
-    add_routes(app, settings, state, metrics)
-    document_limits(app, settings)
+    add_routes(app, settings, state, metrics, offload)
+    document_bodies(app, settings)
     add_demo_page(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # off unless configured: browsers then only call it from its own pages
@@ -124,14 +137,20 @@ def limits_of(served: ServedInfo, settings: Settings) -> Limits:
                   served.speculative, max_prompt_chars(served.tokenizer, served.max_context))
 
 
-def document_limits(app: FastAPI, settings: Settings) -> None:
-    """The OpenAPI document states this server's own limits on max_tokens and n (the context and the
-    vocabulary are the model's, known once it has loaded: those stay 400s)."""
+def document_bodies(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document declares the request bodies that routes parse themselves (see parse_body),
+    with this server's own limits on max_tokens and n (the context and the vocabulary are the
+    model's, known once it has loaded: those stay 400s)."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            fields = generate()["components"]["schemas"]["CompletionRequest"]["properties"]
+            schemas = generate()["components"]["schemas"]
+            for model in BODIES.values():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            fields = schemas["CompletionRequest"]["properties"]
             fields["max_tokens"]["maximum"] = settings.max_tokens_limit
             fields["n"]["maximum"] = settings.max_n
         return app.openapi_schema
@@ -139,19 +158,49 @@ def document_limits(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi
 
 
+BODIES = {"/v1/completions": CompletionRequest}  # route -> the body it parses
+
+
+def body_schema(route: str) -> dict:
+    """The `openapi_extra` of a route that parses its body itself."""
+    ref = {"$ref": f"#/components/schemas/{BODIES[route].__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+async def parse_body(request: Request, model: type[Body]) -> tuple[Body | None, JSONResponse | None]:
+    """The body as `model`, parsed and validated in one pass by pydantic (in Rust, from the bytes), or
+    the 400 that says why not. Routes call this themselves, after the API key and the rate limit, so
+    that refused bodies count against the limit too (and get its headers); every list in the schemas
+    is bounded and fails fast, so that no body under MAX_BODY_BYTES holds the event loop for long."""
+    try:
+        return model.model_validate_json(await request.body()), None
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        return None, invalid_request([{**err, "loc": ("body", *err["loc"])} for err in errors])
+
+
+def invalid_request(errors: list[dict]) -> JSONResponse:
+    """400 for pydantic's errors, naming the field of the first that says most."""
+    def wrong_shape(e: dict) -> bool:
+        return e.get("type", "").endswith(("_type", "_parsing"))
+
+    # a union field is reported once per branch: the branch that matched the input's shape says why
+    first = next((e for e in errors if not wrong_shape(e)), errors[0])
+    if first.get("type") == "json_invalid":
+        return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
+    loc = [str(p) for p in first.get("loc", ())]
+    param = loc[1] if len(loc) > 1 and loc[0] == "body" else None  # the field, not the union branch
+    message = FIELD_SHAPES.get(param) if len(loc) > 2 and wrong_shape(first) else None
+    message = message or str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return error(400, f"{param}: {message}" if param else message, param)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error in the OpenAI shape; no stack trace ever reaches a client."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            return error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
-        loc = [str(p) for p in first.get("loc", ())]
-        param = loc[1] if len(loc) > 1 and loc[0] == "body" else None  # the field, not the union branch
-        message = FIELD_SHAPES.get(param) if len(loc) > 2 else None
-        message = message or str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return error(400, f"{param}: {message}" if param else message, param)
+        return invalid_request(list(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
@@ -169,7 +218,7 @@ def add_error_handlers(app: FastAPI) -> None:
         return error(500, "internal server error")
 
 
-def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMetrics) -> None:
+def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMetrics, offload: Callable) -> None:
     """/health and /metrics are open; with API keys, /v1/* and /info need one (and only then does
     the OpenAPI document declare Bearer security)."""
     keyed = [Depends(key_guard(settings))] if settings.keys() else []
@@ -213,8 +262,11 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def completions(body: CompletionRequest, request: Request, response: Response):
-        # `request` and `response` are also what slowapi's decorator reads and writes its headers into
+    async def completions(request: Request):
+        # `request` is also what slowapi's decorator reads; it writes its headers into the Response returned
+        body, invalid = await parse_body(request, CompletionRequest)
+        if invalid:
+            return invalid
         served, not_ready = ready()
         if not_ready:
             return not_ready
@@ -222,8 +274,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return error(404, f"model {body.model!r} is not served here; this server serves {settings.model_id()!r}",
                          "model")
         try:
-            completion = Completion(body, settings.model_id(), served.tokenizer, state["limits"], state["batcher"],
-                                    metrics, settings.request_timeout_s)
+            completion = await offload(Completion, body, settings.model_id(), served.tokenizer, state["limits"],
+                                       state["batcher"], metrics, offload, settings.request_timeout_s)
             if len(completion.requests) > settings.queue_size + settings.max_batch_size:
                 raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
             ticket = completion.submit()
@@ -243,7 +295,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return error(500, str(e))
         except RequestTimeout:
             return error(504, completion.timeout_message())
-        return completion.response()
+        return Response(await offload(completion.response_json), media_type="application/json")
 
     if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
         completions = app.state.limiter.limit(settings.rate_limit)(completions)
@@ -253,7 +305,7 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
                       "description": "JSON; with stream=true, server-sent events whose data is a JSON chunk, "
                                      "the last one [DONE]"}}
     app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **streamed},
-             dependencies=keyed)(completions)
+             dependencies=keyed, openapi_extra=body_schema("/v1/completions"))(completions)
 
 
 def add_demo_page(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -18,10 +18,17 @@ from detokenizer import CONTEXT_TOKENS
 from metrics import ServiceMetrics
 from protocol import Choice, CompletionRequest, CompletionResponse, Logprobs, Metrics, Usage, error_body
 from sampling import SamplingParams, TokenLogprob, derive_seed
-from sequence import Request
+from sequence import Event, Request
 
 
 log = logging.getLogger(__name__)
+Offload = Callable[..., Awaitable]  # offload(fn, *args): fn(*args) on the tokenizer's thread, awaited
+
+# Sampling parameters a step can always take (vLLM's and HF's conventions): a temperature this small
+# is greedy (dividing by it overflows fp32 logits into NaN), top_k at or past the vocabulary is off,
+# and top_p stays a positive fp32 number (1e-46 rounds to 0 and keeps no token at all).
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
 
 
 class BadRequest(ValueError):
@@ -58,19 +65,18 @@ def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits:
     for p in prompts:
         if len(p) > limits.max_prompt_chars:  # tokenising a megabyte would hold up every other request
             raise BadRequest(f"prompt is longer than the context of {limits.max_context} tokens can hold", "prompt")
-        if isinstance(p, str):
-            ids = tokenizer(p)["input_ids"]
-            text = p
-        else:
-            if any(not 0 <= t < limits.vocab_size for t in p):
-                raise BadRequest(f"token ids must be in [0, {limits.vocab_size})", "prompt")
-            ids, text = list(p), tokenizer.decode(p, skip_special_tokens=True)
+        ids = tokenizer(p)["input_ids"] if isinstance(p, str) else p
         if not ids:
             raise BadRequest("prompt is empty", "prompt")
         if len(ids) + req.max_tokens > limits.max_context:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
                              f"{limits.max_context} tokens", "prompt")
-        out.append((text, ids))
+        if isinstance(p, str):
+            out.append((p, ids))
+            continue
+        if any(not 0 <= t < limits.vocab_size for t in p):
+            raise BadRequest(f"token ids must be in [0, {limits.vocab_size})", "prompt")
+        out.append((tokenizer.decode(p, skip_special_tokens=True), list(p)))
     return out
 
 
@@ -81,18 +87,19 @@ def engine_requests(req: CompletionRequest, prompts: list[tuple[str, list[int]]]
     return [
         Request(f"{base}-{i}-{j}", ids, max_new_tokens=req.max_tokens, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
                 speculative=spec, logprobs=req.logprobs, score_prompt=req.echo and req.logprobs is not None,
-                sampling=sampling_params(req, j))
+                sampling=sampling_params(req, j, limits.vocab_size))
         for i, (_, ids) in enumerate(prompts)
         for j in range(req.n)
     ]
 
 
-def sampling_params(req: CompletionRequest, choice: int) -> SamplingParams:
-    """Choice j of a seeded request gets its own seed, the same for every prompt of the request."""
+def sampling_params(req: CompletionRequest, choice: int, vocab_size: int) -> SamplingParams:
+    """The request's sampling, in the ranges a step can take (see MIN_TEMPERATURE). Choice j of a
+    seeded request gets its own seed, the same for every prompt of the request."""
     return SamplingParams(
-        temperature=req.temperature,
-        top_k=req.top_k or 0,
-        top_p=req.top_p,
+        temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
+        top_k=req.top_k if req.top_k is not None and req.top_k < vocab_size else 0,
+        top_p=max(req.top_p, MIN_TOP_P),
         seed=None if req.seed is None else derive_seed(req.seed, choice),
         acceptance=req.acceptance,
         typical_epsilon=req.typical_epsilon,
@@ -156,8 +163,11 @@ class Completion:
     """One HTTP completion request in flight."""
 
     def __init__(self, req: CompletionRequest, model_id: str, tokenizer: PreTrainedTokenizerBase, limits: Limits,
-                 batcher: DynamicBatcher, metrics: ServiceMetrics, timeout_s: float = 0.0):
+                 batcher: DynamicBatcher, metrics: ServiceMetrics, offload: Offload, timeout_s: float = 0.0):
+        """Tokenises the prompts: called on the tokenizer's thread (offload), like every method here
+        that decodes."""
         self.req, self.model_id, self.tokenizer, self.batcher, self.metrics = req, model_id, tokenizer, batcher, metrics
+        self.offload = offload
         self.timeout_s = timeout_s  # 0: none
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.prompts = tokenize(req, tokenizer, limits)
@@ -236,6 +246,11 @@ class Completion:
         chosen = [None if item is None else item[0] for item in items]
         return Logprobs(tokens=strings, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
 
+    def delta_logprobs(self, c: ChoiceState, e: Event, offset: int) -> Logprobs | None:
+        """The logprobs of the tokens one event added to choice c, the first at text offset `offset`."""
+        strings = c.token_texts(self.tokenizer, len(c.tokens) - len(e.token_ids), len(c.tokens))
+        return self.logprobs(e.logprobs or [], strings, offset)
+
     def echo_logprobs(self, c: ChoiceState) -> Logprobs | None:
         """The prompt's part of logprobs, with echo."""
         items = c.prompt_logprobs or [None] * len(c.prompt_ids)
@@ -261,6 +276,9 @@ class Completion:
         return CompletionResponse(id=self.id, created=self.created, model=self.model_id, choices=choices,
                                   usage=self.usage(), metrics=self.run_metrics())
 
+    def response_json(self) -> str:
+        return self.response().model_dump_json()
+
     def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: Logprobs | None = None) -> str:
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
                 "choices": [{"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
@@ -280,12 +298,11 @@ class Completion:
             async for u in self.updates(ticket):
                 e, c = u.event, self.choices[u.index]
                 if e.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk once it is scored
-                    yield {"data": self.chunk(u.index, c.prompt_text, None, self.echo_logprobs(c))}
+                    yield {"data": self.chunk(u.index, c.prompt_text, None, await self.offload(self.echo_logprobs, c))}
                 if e.text or e.finish_reason or e.token_ids:
                     lp = None
                     if self.req.logprobs is not None:
-                        strings = c.token_texts(self.tokenizer, len(c.tokens) - len(e.token_ids), len(c.tokens))
-                        lp = self.logprobs(e.logprobs or [], strings, emitted[u.index])
+                        lp = await self.offload(self.delta_logprobs, c, e, emitted[u.index])
                     emitted[u.index] += len(e.text)
                     yield {"data": self.chunk(u.index, e.text, e.finish_reason, lp)}
             if ticket is None:

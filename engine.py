@@ -8,6 +8,7 @@ additive mask lets each node see its sequence's prefix, its ancestors and itself
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from tree import ROOT, StepTrees, Tree, stack_trees
 
 if TYPE_CHECKING:
     from adaptive import TreeChooser
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,9 @@ class Engine:
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.chooser: TreeChooser | None = None  # set: each step's tree is chosen for its batch (adaptive.py)
+        # a sequence whose step fails is retried alone (see step); not in tensor-parallel lockstep, where
+        # a retry on one rank would run forwards (all-reduces) that the other ranks do not
+        self.isolates_failures = True
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -90,61 +96,41 @@ class Engine:
 
     @torch.inference_mode()
     def admit(self, batch: Batch, requests: list[Request]) -> list[Event]:
-        """Prefill new requests into free slots, in one forward; each emits its first token."""
-        if not requests:
-            return []
+        """Prefill new requests into free slots, in one forward; each emits its first token. If that
+        forward fails, each request is prefilled alone, and one that fails again fails by itself."""
         if len(requests) > self.free_slots(batch):
             raise ValueError(f"{len(requests)} requests for {self.free_slots(batch)} free slots")
         for r in requests:
             if not r.prompt_ids or len(r.prompt_ids) + r.max_new_tokens > self.max_context:
                 raise ValueError(f"request {r.id}: prompt + max_new_tokens must fit in {self.max_context} tokens")
-        start, dev = len(batch.seqs), self.model.device
-        rows = slice(start, start + len(requests))
-        for r in requests:
-            uniforms = None if r.sampling.greedy else Uniforms(r.sampling.seed)
-            text = TextStream(self.tokenizer, r.prompt_ids, r.stop)
-            batch.seqs.append(Sequence(r, text, self.eos_token_ids, uniforms=uniforms))
-            batch.trees.append(self.tree if r.speculative else ROOT)
-        lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
-        t = int(lens.max())
-        ids = torch.zeros(len(requests), t, dtype=torch.long, device=dev)  # right-padded prompts
-        for i, r in enumerate(requests):
-            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        arange = torch.arange(t, device=dev)
-        causal = (arange[None, :, None] >= arange[None, None, :]) & (arange[None, None, :] < lens[:, None, None])
-        last = lens - 1
-        zero = torch.zeros_like(lens)
-        score = any(r.score_prompt for r in requests)
-        keep = 0 if score else last[:, None]  # every position's logits only when a prompt is scored
-        logits, hidden = self._forward(batch, rows, ids, zero, causal, arange.expand(len(requests), t), t, keep)
-        at = last[:, None] if score else torch.zeros_like(last)[:, None]  # [B, 1]: where the next-token logits are
-        b_index = torch.arange(len(requests), device=dev)
-        first = self._first_tokens(batch.seqs[rows], logits[b_index, at[:, 0]])  # [B]
-        batch.lengths[rows] = lens
-        batch.host_lengths[rows] = [len(r.prompt_ids) for r in requests]
-        self._set_next(batch, rows, first, hidden[b_index, last])
-        logprobs = self._logprobs(batch.seqs[rows], logits, at, first[:, None], [1] * len(lens))
-        events = [seq.extend([tok], False, lp) for seq, tok, lp in zip(batch.seqs[rows], first.tolist(), logprobs)]
-        for i, r in enumerate(requests):
-            if r.score_prompt:  # token j of the prompt was predicted at position j - 1
-                n = len(r.prompt_ids)
-                scored = token_logprobs(logits[i, : n - 1], ids[i, 1:n], r.logprobs or 0)
-                events[i] = replace(events[i], prompt_logprobs=scored)
-        return events
+        seqs = [self._sequence(r) for r in requests]
+        try:
+            return self._prefill(batch, seqs)
+        except Exception:
+            if not self.isolates_failures:
+                raise
+            if len(seqs) == 1:
+                return self._failed(batch, seqs[0], "prefill")
+            log.exception("a prefill of %d requests failed; prefilling each alone", len(seqs))
+        return [e for seq in seqs for e in self._isolated(batch, seq, "prefill", self._prefill, batch, [seq])]
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Event]:
-        """One decode step for every running sequence: (choose ->) propose -> verify -> accept -> commit."""
-        rows = slice(0, len(batch.seqs))
+        """One decode step for every running sequence: (choose ->) propose -> verify -> accept -> commit.
+        If it fails, each sequence steps alone, and one that fails again fails by itself: nothing a
+        request brings can fail the others (a step changes nothing before it commits)."""
         if self.chooser is not None:
             self._choose(batch)
-        trees = stack_trees(tuple(batch.trees), self.model.device)
-        tokens = self._propose(batch, rows, trees)
-        logits, hidden = self._verify(batch, rows, tokens, trees)
-        accepted = self._accept(batch.seqs, tokens, logits, trees)
-        if self.chooser is not None:
-            self.chooser.record(batch.trees, accepted)
-        return self._commit(batch, rows, accepted, logits, hidden)
+        try:
+            return self._step(batch, slice(0, len(batch.seqs)))
+        except Exception:
+            if not self.isolates_failures:
+                raise
+            if len(batch.seqs) == 1:
+                return self._failed(batch, batch.seqs[0], "step")
+            log.exception("a step of %d sequences failed; stepping each alone", len(batch.seqs))
+        return [e for i, seq in enumerate(batch.seqs)
+                for e in self._isolated(batch, seq, "step", self._step, batch, slice(i, i + 1))]
 
     def filter(self, batch: Batch) -> list[Sequence]:
         """Drop finished and cancelled sequences, moving the rest down so that slots stay compact."""
@@ -162,6 +148,75 @@ class Engine:
         batch.seqs = [batch.seqs[i] for i in keep]
         batch.trees = [batch.trees[i] for i in keep]
         return done
+
+    # ---- a round's two forwards -----------------------------------------------------------------
+
+    def _sequence(self, r: Request) -> Sequence:
+        uniforms = None if r.sampling.greedy else Uniforms(r.sampling.seed)
+        return Sequence(r, TextStream(self.tokenizer, r.prompt_ids, r.stop), self.eos_token_ids, uniforms=uniforms)
+
+    def _prefill(self, batch: Batch, seqs: list[Sequence]) -> list[Event]:
+        """Prefill seqs into the next free slots; they join the batch only once it has succeeded."""
+        if not seqs:
+            return []
+        requests = [s.request for s in seqs]
+        start, dev = len(batch.seqs), self.model.device
+        rows = slice(start, start + len(seqs))
+        lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
+        t = int(lens.max())
+        ids = torch.zeros(len(requests), t, dtype=torch.long, device=dev)  # right-padded prompts
+        for i, r in enumerate(requests):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        arange = torch.arange(t, device=dev)
+        causal = (arange[None, :, None] >= arange[None, None, :]) & (arange[None, None, :] < lens[:, None, None])
+        last = lens - 1
+        score = any(r.score_prompt for r in requests)
+        keep = 0 if score else last[:, None]  # every position's logits only when a prompt is scored
+        logits, hidden = self._forward(batch, rows, ids, torch.zeros_like(lens), causal,
+                                       arange.expand(len(requests), t), t, keep)
+        at = last[:, None] if score else torch.zeros_like(last)[:, None]  # [B, 1]: where the next-token logits are
+        b_index = torch.arange(len(requests), device=dev)
+        first = self._first_tokens(seqs, logits[b_index, at[:, 0]])  # [B]
+        logprobs = self._logprobs(seqs, logits, at, first[:, None], [1] * len(seqs))
+        prompt_logprobs = [token_logprobs(logits[i, : len(r.prompt_ids) - 1], ids[i, 1 : len(r.prompt_ids)],
+                                          r.logprobs or 0) if r.score_prompt else None  # token j predicted at j - 1
+                           for i, r in enumerate(requests)]
+        # commit: nothing above changed the batch
+        batch.seqs += seqs
+        batch.trees += [self.tree if r.speculative else ROOT for r in requests]
+        batch.lengths[rows] = lens
+        batch.host_lengths[rows] = [len(r.prompt_ids) for r in requests]
+        self._set_next(batch, rows, first, hidden[b_index, last])
+        self._advance(seqs, [1] * len(seqs))
+        return [replace(e, prompt_logprobs=p) if p is not None else e
+                for seq, tok, lp, p in zip(seqs, first.tolist(), logprobs, prompt_logprobs)
+                for e in self._extend(batch, seq, [tok], False, lp)]
+
+    def _step(self, batch: Batch, rows: slice) -> list[Event]:
+        seqs = batch.seqs[rows]
+        trees = stack_trees(tuple(batch.trees[rows]), self.model.device)
+        tokens = self._propose(batch, rows, trees)
+        logits, hidden = self._verify(batch, rows, tokens, trees)
+        accepted = self._accept(seqs, tokens, logits, trees)
+        if self.chooser is not None:
+            self.chooser.record(batch.trees[rows], accepted)
+        return self._commit(batch, rows, accepted, logits, hidden)
+
+    def _isolated(self, batch: Batch, seq: Sequence, what: str, run, *args) -> list[Event]:
+        """run(*args) for one sequence, after a batched forward failed; if it fails, that sequence fails."""
+        try:
+            return run(*args)
+        except Exception:
+            return self._failed(batch, seq, what)
+
+    def _failed(self, batch: Batch, seq: Sequence, what: str) -> list[Event]:
+        """seq ends with an error (reported as such); a sequence that never joined joins to leave."""
+        log.exception("request %s failed in its %s", seq.request.id, what)
+        seq.fail()
+        if seq not in batch.seqs:  # a failed prefill: the next filter drops it like any finished sequence
+            batch.seqs.append(seq)
+            batch.trees.append(ROOT)
+        return []
 
     # ---- step phases ---------------------------------------------------------------------------
 
@@ -188,7 +243,8 @@ class Engine:
         CUDA graph on CUDA. Padding rows are free cache slots whose nodes see only themselves at
         position 0. Returns the running rows' logits [B, T, V] and hidden states [B, T, H]."""
         b, t = tokens.shape
-        size = batch_bucket(b, self.max_batch_size)
+        whole = rows.start == 0 and b == len(batch.seqs)  # else one sequence alone: no padding rows (they
+        size = batch_bucket(b, self.max_batch_size) if whole else b  # would be other sequences' slots)
         kv_len = kv_bucket(max(batch.host_lengths[rows]) + t, batch.cache.capacity)
         lengths, mask, depths = batch.lengths[rows], trees.mask, trees.depths
         if size > b:
@@ -200,9 +256,9 @@ class Engine:
         inputs = (tokens, lengths, mask, depths)
 
         def forward(*x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._forward(batch, slice(0, size), *x, kv_len)
+            return self._forward(batch, slice(rows.start, rows.start + size), *x, kv_len)
 
-        if batch.graphs is None:
+        if batch.graphs is None or not whole:
             logits, hidden = forward(*inputs)
         else:
             logits, hidden = batch.graphs.run((size, t, kv_len), forward, *inputs)
@@ -215,20 +271,25 @@ class Engine:
 
     def _accept(self, seqs: list[Sequence], tokens: torch.Tensor, logits: torch.Tensor, trees: StepTrees
                 ) -> Accepted:
-        """The path each sequence keeps and its bonus token; sampling sequences use up their draws."""
+        """The path each sequence keeps and its bonus token (the draws are used up at commit)."""
         params = [seq.request.sampling for seq in seqs]
         uniforms = [seq.uniforms for seq in seqs]
         sampled = Sampled.of(params, uniforms, trees.retrieve.shape[-1], logits.shape[-1], logits.device)
-        accepted = accept(tokens, logits, trees.depths, trees.retrieve, sampled)
-        if sampled is not None:
-            for p, u, count in zip(params, uniforms, accepted.count.tolist()):
-                if u is not None:
-                    u.advance(p.draws(count))
-        return accepted
+        return accept(tokens, logits, trees.depths, trees.retrieve, sampled)
+
+    @staticmethod
+    def _advance(seqs: list[Sequence], counts: list[int]) -> None:
+        """Sampling sequences use up the uniform numbers of the nodes they accepted."""
+        for seq, count in zip(seqs, counts):
+            if seq.uniforms is not None:
+                seq.uniforms.advance(seq.request.sampling.draws(count))
 
     def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor
                 ) -> list[Event]:
         """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots."""
+        seqs = batch.seqs[rows]
+        counts, tokens = acc.count.tolist(), acc.tokens.tolist()
+        logprobs = self._logprobs(seqs, logits, acc.nodes, acc.tokens, counts)
         lengths = batch.lengths[rows]
         last = (acc.count - 1)[:, None]  # [B, 1]: position of the last accepted node on its path
         if acc.nodes.shape[1] > 1:
@@ -238,10 +299,18 @@ class Engine:
         last_node = acc.nodes.gather(1, last)[:, 0]
         rows_index = torch.arange(hidden.shape[0], device=hidden.device)
         self._set_next(batch, rows, acc.tokens.gather(1, last)[:, 0], hidden[rows_index, last_node])
-        counts, tokens = acc.count.tolist(), acc.tokens.tolist()
         batch.host_lengths[rows] = [n + c for n, c in zip(batch.host_lengths[rows], counts)]
-        logprobs = self._logprobs(batch.seqs, logits, acc.nodes, acc.tokens, counts)
-        return [seq.extend(tok[:c], True, lp) for seq, tok, c, lp in zip(batch.seqs, tokens, counts, logprobs)]
+        self._advance(seqs, counts)
+        return [e for seq, tok, c, lp in zip(seqs, tokens, counts, logprobs)
+                for e in self._extend(batch, seq, tok[:c], True, lp)]
+
+    def _extend(self, batch: Batch, seq: Sequence, tokens: list[int], from_step: bool,
+                logprobs: list[TokenLogprob] | None) -> list[Event]:
+        """seq's event for its new tokens (its text, its stops); if that fails, seq alone fails."""
+        try:
+            return [seq.extend(tokens, from_step, logprobs)]
+        except Exception:
+            return self._failed(batch, seq, "detokenisation")
 
     @staticmethod
     def _logprobs(seqs: list[Sequence], logits: torch.Tensor, nodes: torch.Tensor, tokens: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 
 from adaptive import TreeChooser
 from engine import Batch, Engine
-from sequence import Event, Request, Sequence
+from sequence import FAILED, Event, Request, Sequence
 from serving import Served, load_served
 from settings import Settings
 
@@ -163,6 +163,7 @@ class EngineCore:
                  outbox: Connection | None, lockstep: Lockstep | None = None):
         self.engine, self.max_wait, self.inbox, self.outbox = engine, max_wait_ms / 1000, inbox, outbox
         self.lockstep = lockstep
+        engine.isolates_failures = lockstep is None
         self.waiting: deque[Request] = deque()
         self.cancels: set[str] = set()
         self.admitted_at: dict[str, float] = {}  # running request id -> time.perf_counter() at admission
@@ -187,7 +188,8 @@ class EngineCore:
             start = time.perf_counter()
             try:
                 self._round(batch, arrivals, report)
-            except Exception:  # one failed step fails its requests, never the loop, except in lockstep:
+            except Exception:  # the engine isolates a request that fails a step (only it fails); what fails
+                # beyond that fails the round's requests, never the loop, except in lockstep:
                 if self.lockstep is not None:  # another rank may have stepped fine, and its batch no longer
                     raise  # matches this one's; every rank stops (the launcher stops the rest)
                 log.exception("engine step failed")
@@ -261,4 +263,6 @@ class EngineCore:
             report.tree = next((t.describe() for t, s in zip(batch.trees, batch.seqs) if s.request.speculative), None)
             finished += self.engine.filter(batch)
         now = time.perf_counter()
-        report.done = {s.request.id: Done.of(s, now - self.admitted_at.pop(s.request.id)) for s in finished}
+        report.done = {s.request.id: Done.of(s, now - self.admitted_at.pop(s.request.id)) for s in finished
+                       if s.finish_reason != FAILED}
+        report.failed = [s.request.id for s in finished if s.finish_reason == FAILED]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from detokenizer import TextStream
 from sampling import GREEDY, SamplingParams, TokenLogprob, Uniforms
 
+FAILED = "error"  # the finish reason of a sequence whose step failed for it
+
 
 @dataclass(frozen=True)
 class Request:
@@ -28,7 +30,7 @@ class Event:
     request_id: str
     token_ids: list[int]
     text: str  # delta
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | FAILED once finished
     accepted: int = 0  # tokens the step verified for this sequence before any stop cut (0 for prefill)
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first event only, when asked)
@@ -82,3 +84,7 @@ class Sequence:
     def cancel(self) -> None:
         if not self.done:
             self.finish_reason = "cancelled"
+
+    def fail(self) -> None:
+        """Its step failed for it alone (engine.py isolates it): it ends, and only it gets the error."""
+        self.finish_reason = FAILED

@@ -168,12 +168,13 @@ POISON = "import poison"
 
 
 class FaultyEngine(Engine):
-    """The served engine; a step with a sequence whose prompt is POISON raises."""
+    """The served engine; choosing tokens for a batch with a sequence whose prompt is POISON raises
+    (in its prefill and in its steps)."""
 
-    def step(self, batch):
-        if any(seq.request.prompt_ids == self.tokenizer(POISON)["input_ids"] for seq in batch.seqs):
+    def _accept(self, seqs, *args):
+        if any(seq.request.prompt_ids == self.tokenizer(POISON)["input_ids"] for seq in seqs):
             raise RuntimeError("injected fault: /secret/path/weights.bin")
-        return super().step(batch)
+        return super()._accept(seqs, *args)
 
 
 def faulty_loader(settings) -> Served:
@@ -182,7 +183,7 @@ def faulty_loader(settings) -> Served:
     return served
 
 
-def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, wait_ready):
+def test_a_failing_step_fails_only_its_request_and_the_loop_goes_on(settings, wait_ready):
     with TestClient(create_app(settings, loader=faulty_loader)) as c:
         wait_ready(c.get)
         healthy = {"prompt": "def read_config(path):", "max_tokens": 24}
@@ -196,6 +197,10 @@ def test_a_failing_step_fails_only_its_requests_and_the_loop_goes_on(settings, w
         assert "secret" not in events[-2]
         assert c.get("/health").json() == {"status": "ok"}
         assert c.post("/v1/completions", json=healthy).json()["choices"][0]["text"] == before
+        with ThreadPoolExecutor(4) as pool:  # in one batch: the engine isolates the poisoned sequence
+            answers = list(pool.map(lambda b: c.post("/v1/completions", json=b), [healthy, bad, healthy, healthy]))
+        assert_error(answers[1], 500)
+        assert [a.json()["choices"][0]["text"] for a in answers if a.status_code == 200] == [before] * 3
         assert gauges(c) == {"medusa_requests_running": 0, "medusa_requests_waiting": 0}
 
 
