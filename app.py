@@ -246,7 +246,8 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return not_ready
         batcher = state["batcher"]
         return {
-            "model": settings.model_id(), "model_path": settings.model_name, "heads": settings.heads(),
+            "model": settings.model_id(), "model_path": settings.model_name, "weights": served.weights,
+            "heads": settings.heads(),
             "num_heads": served.num_heads, "tree": served.tree.describe(), "adaptive_tree": served.adaptive,
             "tree_in_use": batcher.tree_in_use, "device": served.device,
             "dtype": served.dtype, "deepspeed": served.deepspeed, "threads": served.threads,

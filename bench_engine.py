@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from dataclasses import replace
@@ -35,7 +36,8 @@ STEP_TREES = {1: "root", 4: "chain3", 8: "tree7", 16: "tree15", 64: "mc_sim_7b_6
 def step_times(model, tokenizer, prompt: list[int], batch: int, tree: Tree | str, steps: int) -> float:
     """Median seconds of one engine step with `batch` sequences, each verifying `tree`."""
     tree = preset(tree) if isinstance(tree, str) else tree
-    engine = Engine(model, tokenizer, tree=tree, max_batch_size=batch, eos_token_ids=[])
+    context = len(prompt) + (steps + 4) * (tree.depth + 1) + 1  # room for every timed step, and no more
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=batch, eos_token_ids=[], max_context=context)
     state = engine.new_batch()
     room = engine.max_context - len(prompt)  # decoding stays within the context for all the timed steps
     engine.admit(state, [Request(str(i), prompt, max_new_tokens=room) for i in range(batch)])
@@ -48,26 +50,26 @@ def step_times(model, tokenizer, prompt: list[int], batch: int, tree: Tree | str
     return statistics.median(times)
 
 
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos: int | None = None
+                ) -> tuple[float, list[list[int]]]:
+    """Greedy generate() at batch 1: max_new_tokens each, or, given `eos`, up to it (not included).
+    Without `eos` no token stops it: an end-of-sequence token is emitted and decoding goes on, as the
+    engine does with ignore_eos (min_new_tokens would forbid the token instead)."""
     out, start = [], time.perf_counter()
+    config = copy.deepcopy(model.generation_config)
+    config.update(eos_token_id=[] if eos is None else eos, do_sample=False, max_new_tokens=max_new_tokens,
+                  pad_token_id=pad_id)  # [], not None: None falls back to the model's own
     for p in prompts:
         ids = torch.tensor([p], device=model.device)
-        seq = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-        )
-        out.append(seq[0, len(p) :].tolist())
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(p) :].tolist()
+        out.append(seq[: seq.index(eos)] if eos in seq else seq)
     return time.perf_counter() - start, out
 
 
-def engine_generate(model, tokenizer, tree, prompts, max_new_tokens, sampling=GREEDY):
-    """Batch 1, one request after the other (request i seeded with i when sampling); returns
-    (seconds, sequences)."""
-    engine = Engine(model, tokenizer, tree=tree, max_batch_size=1, eos_token_ids=[])
+def engine_generate(model, tokenizer, tree, prompts, max_new_tokens, sampling=GREEDY, eos: int | None = None):
+    """Batch 1, one request after the other (request i seeded with i when sampling), max_new_tokens
+    each or, given `eos`, up to it; returns (seconds, sequences)."""
+    engine = Engine(model, tokenizer, tree=tree, max_batch_size=1, eos_token_ids=[] if eos is None else [eos])
     start, results = time.perf_counter(), []
     for i, p in enumerate(prompts):
         params = sampling if sampling.greedy else replace(sampling, seed=i)

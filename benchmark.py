@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loadgen import ROOT, Timed, local_server, server_rss_mb, speculative_steps, stream_completion
-from settings import BUNDLED_MODEL
+from settings import DEFAULT_HEADS, DEFAULT_MODEL
 
 MODES = ("standard", "speculative")
 PROMPTS_FILE = ROOT / "benchmark_prompts.json"
@@ -331,9 +331,9 @@ async def run_all(url: str, args: argparse.Namespace, prompts: list[str], baseli
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server (default: start `app.py` on a free port, rate limits off)")
-    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="the model the started server (and the "
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model the started server (and the "
                         "--baseline-hf run) loads")
-    parser.add_argument("--heads", default=str(BUNDLED_MODEL / "medusa"))
+    parser.add_argument("--heads", default=str(DEFAULT_HEADS))
     parser.add_argument("--max-batch-size", type=int, help="of the started server; default: the largest level")
     parser.add_argument("--server-flag", action="append", default=[], help="another flag for the started server, "
                         "e.g. --server-flag=--no-deepspeed (repeatable)")

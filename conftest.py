@@ -17,7 +17,7 @@ import uvicorn  # noqa: E402
 
 from adaptive import CostTable  # noqa: E402
 from app import create_app  # noqa: E402
-from settings import Settings  # noqa: E402
+from settings import SMALL_MODEL, Settings  # noqa: E402
 
 
 def until_ready(get, timeout=120.0):
@@ -40,7 +40,8 @@ def settings(tmp_path_factory):
     do not depend on this machine's speed; tests/test_adaptive.py varies the table)."""
     flat = tmp_path_factory.mktemp("costs") / "flat.json"
     CostTable((1, 64), (1, 64), ((0.01, 0.01), (0.01, 0.01))).save(flat)
-    return Settings(device="cpu", max_batch_size=16, max_wait_ms=20, queue_size=64, cost_table=str(flat))
+    return Settings(model_name=str(SMALL_MODEL), medusa_heads=str(SMALL_MODEL / "medusa"), device="cpu",
+                    max_batch_size=16, max_wait_ms=20, queue_size=64, cost_table=str(flat))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ additive mask lets each node see its sequence's prefix, its ancestors and itself
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -67,7 +68,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.tree = tree
         self.max_batch_size = max_batch_size
-        self.max_context = max_context or model.config.max_position_embeddings
+        self.max_context = min(max_context or math.inf, model.config.max_position_embeddings)
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.chooser: TreeChooser | None = None  # set: each step's tree is chosen for its batch (adaptive.py)
@@ -233,7 +234,7 @@ class Engine:
         roots = batch.next_tokens[rows, None]
         if trees.num_nodes == 1:
             return roots
-        proposals = self.model.head_logits(batch.hidden[rows]).topk(self.tree.topk, dim=-1).indices  # [B, K, topk]
+        proposals = self.model.head_topk(batch.hidden[rows], self.tree.topk)  # [B, K, topk] token ids
         flat = trees.heads * proposals.shape[-1] + trees.ranks
         nodes = proposals.flatten(1).gather(1, flat)
         return torch.cat([roots, nodes[:, 1:]], dim=1)

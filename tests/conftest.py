@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from load_medusa_from_hf import heads_tree, load_medusa_model
-from settings import BUNDLED_MODEL
+from settings import SMALL_MODEL
 from toy_model import build_toy, stdlib_texts
 
 
@@ -53,9 +53,9 @@ def hf_greedy(toy):
 @pytest.fixture(scope="session")
 def bundled():
     """(MedusaModel, tokenizer): the bundled model with its heads, fp32, without DeepSpeed."""
-    return load_medusa_model(str(BUNDLED_MODEL), str(BUNDLED_MODEL / "medusa"))
+    return load_medusa_model(str(SMALL_MODEL), str(SMALL_MODEL / "medusa"))
 
 
 @pytest.fixture(scope="session")
 def bundled_tree():
-    return heads_tree(str(BUNDLED_MODEL / "medusa"))
+    return heads_tree(str(SMALL_MODEL / "medusa"))

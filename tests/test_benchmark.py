@@ -13,6 +13,7 @@ import pytest
 
 from benchmark import Phase, phase_stats, summarize, table
 from loadgen import Timed
+from settings import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,8 +50,9 @@ def test_figures_of_a_phase_and_the_medians_of_the_repeats():
 
 
 def test_a_tiny_benchmark_run_end_to_end(tmp_path):
+    small = ["--model", str(SMALL_MODEL), "--heads", str(SMALL_MODEL / "medusa")]  # the default model: benchmarks
     run = subprocess.run([sys.executable, "benchmark.py", "--levels", "1,2", "--requests", "2", "--max-tokens", "6",
-                          "--repeats", "1", "--baseline-hf", "--out", str(tmp_path)],
+                          "--repeats", "1", "--baseline-hf", "--out", str(tmp_path), *small],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     requests = list(csv.DictReader((tmp_path / "requests.csv").open()))

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from engine import Engine
 from load_medusa_from_hf import heads_tree, inspect_heads, resolve_folder
 from sequence import Request
-from settings import BUNDLED_MODEL
+from settings import SMALL_MODEL
 from tree import ROOT
 
-HEADS = BUNDLED_MODEL / "medusa"
+HEADS = SMALL_MODEL / "medusa"
 GOLDEN_PROMPT = "def read_config(path):"
 GOLDEN_TEXT = (  # the engine's greedy answer, 48 tokens, recorded once when the model was built
     '\n    """\n    This function is a read-only config file with the given path.\n    """\n    path = path.split(".")[0]'
@@ -23,15 +23,15 @@ GOLDEN_TEXT = (  # the engine's greedy answer, 48 tokens, recorded once when the
 
 
 def test_files_fit_the_repository_limits():
-    files = [f for f in BUNDLED_MODEL.rglob("*") if f.is_file()]
+    files = [f for f in SMALL_MODEL.rglob("*") if f.is_file()]
     assert max(f.stat().st_size for f in files) <= 15 * 2**20
     assert sum(f.stat().st_size for f in files) <= 40 * 2**20
-    assert (BUNDLED_MODEL / "README.md").exists()  # the model card
+    assert (SMALL_MODEL / "README.md").exists()  # the model card
 
 
 def test_loads_offline_with_the_auto_classes():
-    model = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(SMALL_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(SMALL_MODEL)
     assert isinstance(model, LlamaForCausalLM)
     assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id == model.config.bos_token_id
     info, _ = inspect_heads(resolve_folder(str(HEADS)))

@@ -69,6 +69,50 @@ def test_round_trip(tmp_path, safetensors, shares):
     torch.testing.assert_close(loaded(x, lm_head), heads(x, lm_head))
 
 
+@pytest.mark.parametrize("shares", [False, True], ids=["own-lm-head", "version-2"])
+def test_round_trip_with_a_truncated_vocabulary(tmp_path, shares):
+    """vLLM's layout: `token_map` in the weights, `truncated_vocab_size` in the config."""
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(2, 1, shares, truncated_vocab_size=8), H, V)
+    lm_head = torch.nn.Linear(H, V, bias=False)
+    token_map = torch.tensor([0, 3, 5, 8, 13, 21, 34, 39])
+    heads.init_lm_heads(lm_head, token_map)
+    save_medusa_heads(heads, tmp_path, base_model="base")
+    assert json.loads((tmp_path / "config.json").read_text())["truncated_vocab_size"] == 8
+    loaded = load_medusa_heads(str(tmp_path), H, V)
+    assert loaded.config == heads.config and torch.equal(loaded.token_map, token_map)
+    x = torch.randn(2, H)
+    assert loaded(x, lm_head).shape == (2, 2, 8)
+    torch.testing.assert_close(loaded(x, lm_head), heads(x, lm_head))
+    if not shares:  # a copy of the base lm_head's rows, as the heads start
+        torch.testing.assert_close(loaded[0][-1].weight, lm_head.weight[token_map])
+    assert set(loaded.token_ids(torch.arange(8)).tolist()) == set(token_map.tolist())
+    assert loaded.rows_of(torch.tensor([21, 1])).tolist() == [5, -100]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no token_map", "truncated_vocab_size 8, the file holds no token_map"),
+    ("no config", "truncated_vocab_size None, the file holds a token_map of 8"),
+    ("sizes differ", "truncated_vocab_size 7, the file holds a token_map of 8"),
+    ("outside the vocabulary", "token_map must hold int64 token ids below 40"),
+])
+def test_a_truncated_vocabulary_that_does_not_add_up_is_refused(tmp_path, case, message):
+    heads = MedusaHeads(HeadsConfig(2, 1, True, truncated_vocab_size=8), H, V)
+    save_medusa_heads(heads, tmp_path, base_model="base")
+    config, state = json.loads((tmp_path / "config.json").read_text()), dict(heads.state_dict())
+    if case == "no token_map":
+        del state["token_map"]
+    elif case == "no config":
+        del config["truncated_vocab_size"]
+    elif case == "sizes differ":
+        config["truncated_vocab_size"] = 7
+    else:
+        state["token_map"] = torch.arange(8) + 35
+    write(tmp_path, state, config)
+    with pytest.raises(HeadsError, match=message):
+        load_medusa_heads(str(tmp_path), H, V)
+
+
 def test_released_layout_counts_heads_from_the_file(tmp_path, caplog):
     """The released Vicuna-7B heads: config says 2 heads, the bf16 .pt holds 5."""
     state = faster_decoding_state(num_heads=5)

@@ -29,7 +29,7 @@ from engine import Engine
 from protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
 from sequence import Event, Request
 from serving import Served, load_served
-from settings import BUNDLED_MODEL
+from settings import SMALL_MODEL
 from tests.http_helpers import assert_error, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +227,8 @@ def test_a_loader_that_cannot_go_to_the_engine_process_is_a_load_error(settings)
 
 def serve(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "warning"}
-    return subprocess.Popen([sys.executable, "app.py", "--device", "cpu", *args], cwd=ROOT, env=env,
+    small = ["--model-name", str(SMALL_MODEL), "--medusa-heads", str(SMALL_MODEL / "medusa")]  # flags after win
+    return subprocess.Popen([sys.executable, "app.py", "--device", "cpu", *small, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -426,7 +427,8 @@ def test_clients_that_drop_mid_stream_leave_the_others_untouched(base_url, http)
 
 
 def test_soak_script_at_a_small_size():
-    run = subprocess.run([sys.executable, "-m", "scripts.soak", "--minutes", "0.1", "--concurrency", "2"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "scripts.soak", "--minutes", "0.1", "--concurrency", "2", "--model",
+                          str(SMALL_MODEL), "--heads", str(SMALL_MODEL / "medusa")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     result = json.loads(run.stdout[run.stdout.index("{"):])
@@ -447,7 +449,7 @@ def test_a_request_cannot_change_what_is_served(http, settings):
 
 
 def test_a_text_that_cannot_fit_is_refused_without_tokenising_it():
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(SMALL_MODEL)
     bound = max_prompt_chars(tokenizer, 512)
     longest = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
     for source in sorted(ROOT.glob("*.py")):  # the bound's premise: no token covers more than `longest` characters
