@@ -26,10 +26,13 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from batch_processor import DynamicBatcher, EngineFailure, LoadError, QueueFull, RequestTimeout
-from completions import BadRequest, Completion, Limits, max_prompt_chars
+from chat import ChatCompletion, NoChatTemplate, chat_template
+from completions import BadRequest, Completion, Generation, Limits, max_prompt_chars
 from engine_core import configure_logging, follow
 from metrics import ServiceMetrics
-from protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, error_body
+from protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                      DetokenizeRequest, DetokenizeResponse, ErrorResponse, GenerationRequest, ModelCard, ModelList,
+                      TokenizeRequest, TokenizeResponse, error_body)
 from security import key_guard, make_limiter
 from serving import Served, ServedInfo, load_served
 from settings import Settings, settings_from_command_line
@@ -83,7 +86,7 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
     that a process manager or the `deepspeed` launcher restarts or stops the whole service; without it
     /health stays 503 with the reason)."""
     metrics = ServiceMetrics()
-    state: dict = {"served": None, "limits": None, "batcher": None, "load_error": None}
+    state: dict = {"served": None, "limits": None, "batcher": None, "load_error": None, "chat_template": None}
     # The tokenizer's work (tokenising prompts, decoding log-prob texts and large echoes) runs on one
     # thread of its own: never on the event loop, and never two calls at once (a fast tokenizer is
     # not safe to use from several threads).
@@ -109,6 +112,8 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
                     on_engine_lost(str(e))
                 return
             state["limits"] = await offload(limits_of, served, settings)
+            state["chat_template"] = await offload(chat_template, settings.chat_template, served.tokenizer,
+                                                   settings.model_name)
             state["served"] = served
             log.info("serving %s on %s", settings.model_id(), served.device)
 
@@ -118,7 +123,7 @@ def create_app(settings: Settings, loader: Callable[[Settings], Served] = load_s
         await batcher.stop()  # also stops a load still running
         tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="Medusa completions", lifespan=lifespan, responses=ERRORS)
+    app = FastAPI(title="Medusa completions and chat", lifespan=lifespan, responses=ERRORS)
     app.state.settings, app.state.metrics, app.state.serving = settings, metrics, state
     app.state.limiter = make_limiter(settings)
     add_error_handlers(app)
@@ -158,7 +163,8 @@ def document_bodies(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi
 
 
-BODIES = {"/v1/completions": CompletionRequest}  # route -> the body it parses
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}  # route -> the body it parses
 
 
 def body_schema(route: str) -> dict:
@@ -263,23 +269,23 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def completions(request: Request):
-        # `request` is also what slowapi's decorator reads; it writes its headers into the Response returned
-        body, invalid = await parse_body(request, CompletionRequest)
-        if invalid:
-            return invalid
-        served, not_ready = ready()
-        if not_ready:
-            return not_ready
+    def served_model(body) -> JSONResponse | None:
         if body.model is not None and body.model != settings.model_id():
             return error(404, f"model {body.model!r} is not served here; this server serves {settings.model_id()!r}",
                          "model")
+        return None
+
+    async def generate(request: Request, body: GenerationRequest, make: Callable[..., Generation]) -> Response:
+        """What completions and chat completions share, from a parsed body to the answer or stream."""
+        served, not_ready = ready()
+        if not_ready or (not_ready := served_model(body)):
+            return not_ready
         try:
-            completion = await offload(Completion, body, settings.model_id(), served.tokenizer, state["limits"],
+            generation = await offload(make, body, settings.model_id(), served.tokenizer, state["limits"],
                                        state["batcher"], metrics, offload, settings.request_timeout_s)
-            if len(completion.requests) > settings.queue_size + settings.max_batch_size:
-                raise BadRequest(f"{len(completion.requests)} choices can never fit the queue and batch", "n")
-            ticket = completion.submit()
+            if len(generation.requests) > settings.queue_size + settings.max_batch_size:
+                raise BadRequest(f"{len(generation.requests)} choices can never fit the queue and batch", "n")
+            ticket = generation.submit()
         except BadRequest as e:
             return error(400, str(e), e.param)
         except QueueFull as e:
@@ -288,18 +294,29 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
             return error(503, str(e))
         if body.stream:
             cancel = BackgroundTask(state["batcher"].cancel, ticket) if ticket else None  # also if never started
-            return EventSourceResponse(completion.sse(ticket), sep="\n", ping=15, background=cancel,
+            return EventSourceResponse(generation.sse(ticket), sep="\n", ping=15, background=cancel,
                                        shutdown_grace_period=settings.shutdown_grace_s)
         try:
-            await until_done_or_disconnected(completion.updates(ticket), request)
+            await until_done_or_disconnected(generation.updates(ticket), request)
         except EngineFailure as e:
             return error(500, str(e))
         except RequestTimeout:
-            return error(504, completion.timeout_message())
-        return Response(await offload(completion.response_json), media_type="application/json")
+            return error(504, generation.timeout_message())
+        return Response(await offload(generation.response_json), media_type="application/json")
 
-    if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming)
-        completions = app.state.limiter.limit(settings.rate_limit)(completions)
+    # `request` is also what slowapi's decorator reads; it writes its headers into the Response returned
+    async def completions(request: Request):
+        body, invalid = await parse_body(request, CompletionRequest)
+        return invalid or await generate(request, body, Completion)
+
+    async def chat_completions(request: Request):
+        body, invalid = await parse_body(request, ChatCompletionRequest)
+        return invalid or await generate(request, body, functools.partial(ChatCompletion,
+                                                                          template=state["chat_template"]))
+
+    if app.state.limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming); one
+        shared = app.state.limiter.shared_limit(settings.rate_limit, scope="generate")  # budget for both routes
+        completions, chat_completions = shared(completions), shared(chat_completions)
     event = {"type": "object", "required": ["data"],
              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
     streamed = {200: {"content": {"text/event-stream": {"schema": event}},  # the schema of each event
@@ -307,6 +324,56 @@ def add_routes(app: FastAPI, settings: Settings, state: dict, metrics: ServiceMe
                                      "the last one [DONE]"}}
     app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **streamed},
              dependencies=keyed, openapi_extra=body_schema("/v1/completions"))(completions)
+    app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **streamed},
+             dependencies=keyed, openapi_extra=body_schema("/v1/chat/completions"))(chat_completions)
+    add_tokenize_routes(app, settings, state, offload, keyed, ready, served_model)
+
+
+def add_tokenize_routes(app: FastAPI, settings: Settings, state: dict, offload: Callable, keyed: list,
+                        ready: Callable, served_model: Callable) -> None:
+    """vLLM's POST /tokenize (a prompt, or messages through the chat template) and /detokenize, so
+    that clients can count tokens as the server does."""
+
+    def tokenize(body: TokenizeRequest, served: ServedInfo) -> TokenizeResponse:
+        tokenizer, limits = served.tokenizer, state["limits"]
+        if body.messages is not None:
+            template = state["chat_template"]
+            if template is None:
+                raise NoChatTemplate()
+            _, ids = template.ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages],
+                                  body.add_generation_prompt, body.add_special_tokens)
+        elif len(body.prompt) > limits.max_prompt_chars:
+            raise BadRequest(f"prompt is longer than the context of {limits.max_context} tokens can hold", "prompt")
+        else:
+            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"]
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=served.max_context, tokens=ids, token_strs=strs)
+
+    def detokenize(body: DetokenizeRequest, served: ServedInfo) -> DetokenizeResponse:
+        if any(t >= served.vocab_size for t in body.tokens):
+            raise BadRequest(f"token ids must be in [0, {served.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
+
+    def route(model: type[BaseModel], work: Callable) -> Callable:
+        async def endpoint(request: Request):
+            body, invalid = await parse_body(request, model)
+            if invalid:
+                return invalid
+            served, not_ready = ready()
+            if not_ready or (not_ready := served_model(body)):
+                return not_ready
+            try:
+                answer = await offload(work, body, served)
+            except BadRequest as e:
+                return error(400, str(e), e.param)
+            return Response(answer.model_dump_json(), media_type="application/json")
+
+        return endpoint
+
+    app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, dependencies=keyed,
+             openapi_extra=body_schema("/tokenize"))(route(TokenizeRequest, tokenize))
+    app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, dependencies=keyed,
+             openapi_extra=body_schema("/detokenize"))(route(DetokenizeRequest, detokenize))
 
 
 def add_demo_page(app: FastAPI) -> None:

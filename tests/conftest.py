@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import httpx
 import pytest
 import torch
 
 from load_medusa_from_hf import heads_tree, load_medusa_model
-from settings import SMALL_MODEL
+from settings import DEFAULT_HEADS, DEFAULT_MODEL, SMALL_MODEL
 from toy_model import build_toy, stdlib_texts
 
 
@@ -59,3 +60,18 @@ def bundled():
 @pytest.fixture(scope="session")
 def bundled_tree():
     return heads_tree(str(SMALL_MODEL / "medusa"))
+
+
+@pytest.fixture(scope="session")
+def chat_url(settings, serve_with):
+    """A server of the default chat model and its heads (the tests' flat cost table: the whole tree
+    every step), shared by the chat API and demo page tests."""
+    with serve_with(settings.model_copy(update={"model_name": DEFAULT_MODEL, "medusa_heads": str(DEFAULT_HEADS),
+                                                "max_tokens_limit": 256})) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def chat_http(chat_url):
+    with httpx.Client(base_url=chat_url, timeout=120) as c:
+        yield c

@@ -1,5 +1,6 @@
-"""The demo page in a real headless browser: Debian's chromium driven by Playwright (the system
-executable; Playwright downloads no browser). Skips only where chromium is missing."""
+"""The demo chat page in a real headless browser, on the default chat model: Debian's chromium
+driven by Playwright (the system executable; Playwright downloads no browser). Skips only where
+chromium is missing."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 
 
 @pytest.fixture(scope="module")
-def page(base_url):
+def page(chat_url):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(base_url + "/")
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        page.goto(chat_url + "/")
         yield page
         browser.close()
 
@@ -34,42 +35,80 @@ def figure(page, name: str) -> str:
     return page.locator(f"#{name}").inner_text()
 
 
-def generate(page, speculative: bool) -> None:
-    page.fill("#prompt", "def read_config(path):")
-    page.fill("#max-tokens", "48")
+def wait_done(page) -> None:
+    page.wait_for_function("['done', 'stopped'].includes(document.getElementById('status').textContent) || "
+                           "document.getElementById('status').textContent.startsWith('error')", timeout=120_000)
+
+
+def send(page, text: str, speculative: bool = True, max_tokens: int = 48) -> None:
+    page.fill("#max-tokens", str(max_tokens))
     page.fill("#temperature", "0")
     page.set_checked("#speculative", speculative)
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+    page.fill("#message", text)
+    page.click("#send")
+    wait_done(page)
 
 
-def test_streamed_text_and_figures_with_and_without_speculation(page, http):
-    reference = http.post("/v1/completions", json={"prompt": "def read_config(path):", "max_tokens": 48}).json()
-    generate(page, speculative=True)
-    assert page.locator("#output").inner_text() == reference["choices"][0]["text"]
-    assert int(figure(page, "tokens")) == reference["usage"]["completion_tokens"]
+def answers(page) -> list[str]:
+    return page.locator("#conversation .turn.assistant").all_inner_texts()
+
+
+def reference(chat_http, messages: list[dict]) -> dict:
+    return chat_http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 48}).json()
+
+
+def test_a_two_turn_conversation_sends_both_turns(page, chat_http):
+    page.click("#clear")
+    bodies = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    send(page, first[0]["content"])
+    one = reference(chat_http, first)
+    assert answers(page) == [one["choices"][0]["message"]["content"]]
+    assert int(figure(page, "tokens")) == one["usage"]["completion_tokens"]
     steps = int(figure(page, "steps"))
-    assert steps == reference["metrics"]["decode_steps"]
-    assert float(figure(page, "per-step")) == pytest.approx(reference["metrics"]["accepted_tokens_per_step"], abs=0.01)
-    assert float(figure(page, "rate")) > 0 and figure(page, "ttft").endswith("ms")
-    assert page.locator("#output span.step").count() == steps + 1  # one band per step, and the prefill's token
-    assert page.locator("#output span.step:not(.single)").count() >= 1  # a step accepted several tokens
+    assert steps == one["metrics"]["decode_steps"]
+    assert float(figure(page, "per-step")) == pytest.approx(one["metrics"]["accepted_tokens_per_step"], abs=0.01)
+    bands = page.locator("#conversation .turn.assistant span.step").count()  # a band a step, and the prefill's
+    assert steps <= bands <= steps + 1  # (a last step may have decoded only the end of the turn)
+    assert page.locator("#conversation .turn.assistant span.step:not(.single)").count() >= 1  # several at once
+
+    second = [*first, {"role": "assistant", "content": answers(page)[0]},
+              {"role": "user", "content": "And what is the capital of Italy?"}]
+    send(page, second[-1]["content"])
+    assert bodies[-1]["messages"] == second  # the second answer is conditioned on the first
+    assert answers(page)[1] == reference(chat_http, second)["choices"][0]["message"]["content"]
+    assert page.locator("#conversation .turn.user").all_inner_texts() == [first[0]["content"], second[-1]["content"]]
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-    generate(page, speculative=False)
-    assert page.locator("#output").inner_text() == reference["choices"][0]["text"]
+    page.set_checked("#speculative", False)
+    page.click("#regenerate")  # the last answer again, by standard decoding: the same greedy text
+    wait_done(page)
+    assert len(answers(page)) == 2 and answers(page)[1] == reference(chat_http, second)["choices"][0]["message"]["content"]
     assert figure(page, "per-step") == "1.00"
-    assert page.locator("#output span.step:not(.single)").count() == 0
+    assert bodies[-1]["messages"] == second
+
+
+def test_stop_keeps_the_partial_answer(page):
+    page.click("#clear")
+    page.fill("#max-tokens", "256")
+    page.fill("#message", "Write a long story about a dragon.")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('#conversation .turn.assistant span').length > 3",
+                           timeout=60_000)
+    page.click("#stop")
+    wait_done(page)
+    assert figure(page, "status") == "stopped" and answers(page)[0]
 
 
 def test_errors_are_shown_and_the_page_keeps_working(page):
-    page.fill("#max-tokens", "100000")
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('error')", timeout=30_000)
-    assert "max_tokens" in page.locator("#status").inner_text()
-    generate(page, speculative=True)
-    assert page.locator("#output").inner_text()
+    page.click("#clear")
+    send(page, "Hello!", max_tokens=100000)
+    assert figure(page, "status").startswith("error") and "max_tokens" in figure(page, "status")
+    assert answers(page) == []  # an answer that never came leaves no turn
+    send(page, "Hello!")
+    assert figure(page, "status") == "done" and answers(page)[0]
 
 
 def test_markup_in_the_model_output_is_shown_as_text(page):
@@ -82,17 +121,18 @@ def test_markup_in_the_model_output_is_shown_as_text(page):
         for line in response.text().split("\n"):
             if line.startswith("data: {") and not done:
                 chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0]["text"]:
-                    chunk["choices"][0]["text"], done = markup, True
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    chunk["choices"][0]["delta"]["content"], done = markup, True
                     line = "data: " + json.dumps(chunk)
             lines.append(line)
         route.fulfill(response=response, body="\n".join(lines))
 
-    page.route("**/v1/completions", inject)
+    page.click("#clear")
+    page.route("**/v1/chat/completions", inject)
     try:
-        generate(page, speculative=True)
+        send(page, "Say hello.")
     finally:
-        page.unroute("**/v1/completions")
-    assert page.locator("#output").inner_text().startswith(markup)
-    assert page.locator("#output script, #output img, #output b").count() == 0
+        page.unroute("**/v1/chat/completions")
+    assert answers(page)[0].startswith(markup)
+    assert page.locator("#conversation script, #conversation img, #conversation b").count() == 0
     assert page.evaluate("window.pwned") is None

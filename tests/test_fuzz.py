@@ -14,12 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 EXAMPLES = 300
-ROUTES = ["POST /v1/completions", "GET /health", "GET /v1/models", "GET /info", "GET /metrics"]
+ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize", "GET /health",
+          "GET /v1/models", "GET /info", "GET /metrics"]
 
 
 @pytest.fixture(scope="module")
 def fuzz_url(settings, serve_with):
-    small = settings.model_copy(update={"max_tokens_limit": 8, "max_n": 4, "request_timeout_s": 20})
+    small = settings.model_copy(update={"max_tokens_limit": 8, "max_n": 4, "request_timeout_s": 20,
+                                        "chat_template": "chatml"})
     with serve_with(small) as url:
         yield url
 

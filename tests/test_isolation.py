@@ -107,7 +107,7 @@ def test_any_mix_of_valid_sampling_parameters_steps_in_one_batch(mixed_engine, p
     reqs = []
     for i, fields in enumerate(bodies):
         body = CompletionRequest.model_validate({"prompt": prompts[i], "max_tokens": 6, **fields})
-        reqs += engine_requests(body, [("", prompts[i])], limits)
+        reqs += engine_requests(body, [("", prompts[i])], body.max_tokens, limits)
     greedy = Request("greedy bystander", prompts[7], max_new_tokens=6)
     results = engine.generate([*reqs, greedy])
     assert [s.finish_reason for s in results if s.finish_reason not in ("length", "stop")] == []
@@ -121,5 +121,5 @@ def test_a_vanishing_temperature_or_top_p_decodes_greedily(mixed_engine, prompts
     """Not the NaN of a division that overflows fp32 (which emitted the last token of the vocabulary)."""
     engine, limits = mixed_engine
     body = CompletionRequest.model_validate({"prompt": prompts[3], "max_tokens": 12, **fields})
-    [seq] = engine.generate(engine_requests(body, [("", prompts[3])], limits))
+    [seq] = engine.generate(engine_requests(body, [("", prompts[3])], body.max_tokens, limits))
     assert seq.tokens == hf_greedy(prompts[3], 12)
