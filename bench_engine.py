@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per cell of the step table")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the tokens/s comparison")
     parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--quantize", default="auto", choices=("auto", "gguf", "int4", "none"),
+                        help="the base weights, as the QUANTIZE setting (with --model)")
     parser.add_argument("--temperature", type=float, help="also compare seeded sampling at this temperature")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     if args.model:
-        model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=args.deepspeed)
+        model, tokenizer = load_medusa_model(args.model, args.heads, deepspeed=args.deepspeed, quantize=args.quantize)
     else:
         model, tokenizer = build_toy()
         if args.deepspeed:

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from int4 import LM_HEAD, Int4Linear, Int4Llama, file_supports, file_weights, float_weights, swap_linears
 from medusa_model import KERNEL_INJECT_REFUSED, HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
 from tree import Tree, load_tree
 
@@ -63,11 +64,29 @@ class ModelSource:
     gguf_file: str | None = None
     gguf_types: tuple[tuple[str, int], ...] = ()  # the file's tensor types and how many of each
 
-    def describe(self, dtype: torch.dtype) -> str:
-        if self.gguf_file is None:
-            return f"{self.name} ({str(dtype).removeprefix('torch.')})"
-        types = ", ".join(f"{t} x{n}" for t, n in self.gguf_types)
-        return f"GGUF {self.gguf_file} ({types}) dequantised to {str(dtype).removeprefix('torch.')}"
+    def describe(self, dtype: torch.dtype, quantize: str = "none") -> str:
+        """What is served, for /info and the log."""
+        float_name = str(dtype).removeprefix("torch.")
+        what = (f"{self.name} ({float_name})" if self.gguf_file is None else
+                f"GGUF {self.gguf_file} ({', '.join(f'{t} x{n}' for t, n in self.gguf_types)})")
+        if quantize == "gguf":
+            return f"{what}: its own 4-bit blocks in PyTorch's int4 CPU kernel, embeddings and norms in {float_name}"
+        if quantize == "int4":
+            return f"{what} quantised at load to int4 (groups of 32), embeddings and norms in {float_name}"
+        return what if self.gguf_file is None else f"{what} dequantised to {float_name}"
+
+    def quantize_mode(self, quantize: str, device: str, tp_size: int = 1) -> str:
+        """QUANTIZE resolved: "auto" is "gguf" for a GGUF file on the CPU, in one process, whose types
+        the int4 kernel takes (the fastest there, README: Performance), else "none"."""
+        if quantize == "auto":
+            cpu = torch.device(device).type == "cpu" and tp_size == 1
+            return "gguf" if cpu and self.gguf_file and file_supports(t for t, _ in self.gguf_types) else "none"
+        if quantize == "gguf" and self.gguf_file is None:
+            raise ModelError(f"QUANTIZE=gguf serves a GGUF file's own weights; {self.name} is not a GGUF file "
+                             "(QUANTIZE=int4 quantises a float model at load)")
+        if quantize != "none" and torch.device(device).type != "cpu":
+            raise ModelError(f"QUANTIZE={quantize} runs PyTorch's int4 CPU kernel; on {device} use QUANTIZE=none")
+        return quantize
 
 
 def resolve_model(name: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
@@ -259,19 +278,24 @@ def load_medusa_model(
     kernel_inject: bool = False,
     revision: str | None = None,
     cache_dir: str | None = None,
+    quantize: str = "none",
 ) -> tuple[MedusaModel, PreTrainedTokenizerBase]:
     """Base model and tokenizer (Hub id, folder or GGUF file: see resolve_model), heads (optional),
-    DeepSpeed wrapping (optional)."""
+    DeepSpeed wrapping (optional), or int4 weights (`quantize`: "gguf", the file's own blocks; "int4",
+    a float model quantised; "auto", see ModelSource.quantize_mode), which a forward of their own
+    serves (int4.Int4Llama) instead of DeepSpeed, on one CPU process."""
     if deepspeed and kernel_inject:
         raise ValueError(KERNEL_INJECT_REFUSED)  # before any weight is read
     source = resolve_model(model_name, cache_dir=cache_dir)
+    quantize = source.quantize_mode(quantize, device, tp_size if deepspeed else 1)
+    if quantize != "none" and tp_size > 1:
+        raise ModelError(f"QUANTIZE={quantize} serves one process; tensor parallelism needs QUANTIZE=none")
     where = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.name, cache_dir=cache_dir, **where)
     model = AutoModelForCausalLM.from_pretrained(source.name, dtype=dtype, cache_dir=cache_dir, **where)
     model = model.to(device).eval()
-    if source.gguf_file:
-        log.info("loaded %s", source.describe(dtype))
-        if getattr(model, "hf_quantizer", None) is not None and all(p.dtype == dtype for p in model.parameters()):
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        if all(p.dtype == dtype for p in model.parameters()):
             model.hf_quantizer.remove_quantization_config(model)  # dequantised: a plain model now (DeepSpeed casts it)
     heads = None
     if heads_name:
@@ -281,8 +305,32 @@ def load_medusa_model(
         if heads.config.truncated_vocab_size and heads.config.shares_lm_head and deepspeed and tp_size > 1:
             raise HeadsError(f"{heads_name}: heads over a truncated vocabulary read rows of the base lm_head, "
                              "which tensor parallelism shards; serve them with TP_SIZE=1")
+    log.info("loaded %s", source.describe(dtype, quantize))
+    if quantize != "none":
+        return int4_model(model, heads, source, quantize, dtype), tokenizer
     runner = wrap_with_deepspeed(model, dtype, tp_size) if deepspeed else None
     return MedusaModel(model, heads, runner, tp_size if deepspeed else 1, source.describe(dtype)), tokenizer
+
+
+def int4_model(model, heads: MedusaHeads | None, source: ModelSource, quantize: str, dtype: torch.dtype
+               ) -> MedusaModel:
+    """The model served through int4.Int4Llama; HF's own modules are swapped to the same int4 weights
+    (a reference for tests), and the heads keep projecting through the float lm_head."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise ModelError(f"QUANTIZE={quantize} serves Llama-family models; this one is {type(model).__name__}")
+    if quantize == "gguf":
+        weights = file_weights(Path(source.name) / source.gguf_file, model)
+    else:
+        weights = float_weights(model)
+    table = model.get_output_embeddings()  # the float lm_head (for tied embeddings: the embedding table)
+    runner = Int4Llama(model, weights)
+    projection = None
+    if heads is not None and heads.config.shares_lm_head:  # their drafts through the same rows, in int4
+        rows = None if heads.token_map is None else heads.token_map.cpu().numpy()
+        projection = runner.lm_head if rows is None else Int4Linear([b.rows(rows) for b in weights[LM_HEAD]])
+    swap_linears(model, weights)
+    return MedusaModel(model, heads, runner, 1, source.describe(dtype, quantize), lm_head=table,
+                       head_projection=projection)
 
 
 def main() -> None:

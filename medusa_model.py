@@ -81,12 +81,13 @@ class MedusaHeads(nn.ModuleList):
             self._projection = (weight, weight.detach()[self.token_map])
         return self._projection[1]
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
         """hidden [..., H] -> head logits [..., K, V'] over the heads' vocabulary (V' = V untruncated).
         The whole vocabulary goes through the lm_head module itself (tensor parallel: DeepSpeed's,
-        which gathers its shards); a truncated one through the kept rows of its weight."""
+        which gathers its shards); a truncated one through the kept rows of its weight. Without an
+        lm_head, shared heads return their drafts [..., K, H], before the projection."""
         drafts = torch.stack([head(hidden) for head in self], dim=-2)
-        if not self.config.shares_lm_head:
+        if not self.config.shares_lm_head or lm_head is None:
             return drafts
         if self.token_map is None:
             return lm_head(drafts)
@@ -110,12 +111,16 @@ class MedusaModel:
     InferenceEngine when the model is wrapped, else the model itself."""
 
     def __init__(self, model: PreTrainedModel, heads: MedusaHeads | None = None, runner: nn.Module | None = None,
-                 tp_size: int = 1, weights: str = ""):
+                 tp_size: int = 1, weights: str = "", lm_head: nn.Linear | None = None,
+                 head_projection: nn.Module | None = None):
         self.model = model
         self.weights = weights  # where the base weights came from, and in which form they are served
         self.heads = heads
         self.runner = runner if runner is not None else model
-        self.lm_head = model.get_output_embeddings()
+        # what heads sharing the base lm_head project through: the model's own, unless quantised (then the float one)
+        self.lm_head = lm_head if lm_head is not None else model.get_output_embeddings()
+        # set: heads sharing the lm_head project their drafts through this instead (int4: the same rows, in int4)
+        self.head_projection = head_projection
         self.tp_size = tp_size  # tensor-parallel ranks: each holds 1/tp_size of the attention heads
 
     @property
@@ -162,6 +167,8 @@ class MedusaModel:
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> [..., K, V']: head k's logits for the token k+2 ahead, over the heads'
         vocabulary (rows of it: see MedusaHeads.token_ids)."""
+        if self.head_projection is not None:
+            return self.head_projection(self.heads(hidden, None))
         return self.heads(hidden, self.lm_head)
 
     def head_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adaptive import CostTable, TreeChooser, cost_table, nested_family
 from engine import Engine
+from int4 import Int4Llama
 from load_medusa_from_hf import heads_tree, load_medusa_model
 from settings import Settings
 from tree import ROOT, Tree, load_tree, preset
@@ -66,13 +67,13 @@ def load_served(settings: Settings) -> Served:
         torch.set_num_threads(settings.resolved_cpu_threads())
     model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
                                          dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.resolved_tp_size(),
-                                         revision=settings.revision)
+                                         revision=settings.revision, quantize=settings.quantize)
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
                     cuda_graphs=settings.cuda_graphs)
     if settings.adaptive_tree and tree.num_nodes > 1:
         engine.chooser = TreeChooser(tree, step_costs(settings, engine))
-    return Served(engine, tree, settings.deepspeed)
+    return Served(engine, tree, settings.deepspeed and not isinstance(model.runner, Int4Llama))
 
 
 def step_costs(settings: Settings, engine: Engine) -> CostTable:
@@ -85,6 +86,7 @@ def step_costs(settings: Settings, engine: Engine) -> CostTable:
            "max_batch_size": engine.max_batch_size, "max_context": engine.max_context,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed,
+           "weights": engine.model.weights,
            "tp_size": settings.resolved_tp_size(), "cuda_graphs": engine.cuda_graphs,
            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "deepspeed")}}
     return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())

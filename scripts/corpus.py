@@ -118,6 +118,8 @@ def held_out_arguments(description: str, prompts: int) -> argparse.ArgumentParse
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto", help="to decode in; auto: as the service chooses")
+    parser.add_argument("--quantize", default="auto", choices=("auto", "gguf", "int4", "none"),
+                        help="the base weights, as the QUANTIZE setting; auto: as the service chooses")
     return parser
 
 

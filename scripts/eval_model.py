@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench_engine import engine_generate, hf_generate
-from load_medusa_from_hf import heads_tree, load_medusa_model, resolve_dtype
+from load_medusa_from_hf import heads_tree, load_medusa_model, resolve_dtype, resolve_model
 from scripts.corpus import encode, held_out_arguments, held_out_prompts, model_held_out
 from train_medusa import distilled
 from tree import ROOT
@@ -53,6 +53,18 @@ def corpus_figures(args) -> tuple[dict, list[list[int]], str]:
     return figures, prompts, f"{len(prompts)} held-out prompts of {args.prompt_tokens} tokens"
 
 
+def agreement(args, dtype, prompts: list[list[int]], answers: list[list[int]], eos: int | None) -> dict:
+    """How the int4 model's greedy answers compare with the same model's dequantised float weights:
+    answers identical, and the tokens each answer shares with the float one before they part."""
+    model, tokenizer = load_medusa_model(args.model, None, dtype=dtype, quantize="none")
+    _, reference = engine_generate(model, tokenizer, ROOT, prompts, args.new_tokens, eos=eos)
+    shared = [next((i for i, (a, b) in enumerate(zip(ours, ref.tokens)) if a != b), min(len(ours), len(ref.tokens)))
+              for ours, ref in zip(answers, reference)]
+    return {"identical": sum(a == r.tokens for a, r in zip(answers, reference)), "of": len(answers),
+            "tokens_before_they_part_median": statistics.median(shared),
+            "share_of_tokens_before_they_part": round(sum(shared) / sum(len(a) for a in answers), 3)}
+
+
 def main() -> None:
     parser = held_out_arguments(__doc__.splitlines()[0], prompts=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -67,8 +79,8 @@ def main() -> None:
     else:
         figures, prompts, about = corpus_figures(args)
     dtype = resolve_dtype(args.dtype)
-    model, tokenizer = load_medusa_model(args.model, args.heads, dtype=dtype)
-    tree = heads_tree(args.heads)
+    model, tokenizer = load_medusa_model(args.model, args.heads, dtype=dtype, quantize=args.quantize)
+    tree, weights = heads_tree(args.heads), model.weights
     eos = tokenizer.eos_token_id if args.distilled else None  # chat answers end; code continues to the length
     runs = {"hf": [], "standard": [], "speculative": []}
     for _ in range(args.repeats):  # the modes alternate within each repeat, so drift hits all of them
@@ -79,7 +91,11 @@ def main() -> None:
         for mode, seconds in zip(runs, (hf_s, std_s, spec_s)):
             runs[mode].append(tokens / seconds)
     texts = [tokenizer.decode(s.tokens) for s in std]
+    if resolve_model(args.model).quantize_mode(args.quantize, "cpu") != "none":
+        del model
+        figures["agreement_with_float"] = agreement(args, dtype, prompts, [s.tokens for s in std], eos)
     result = {
+        "weights": weights,
         **figures,
         "distinct_word_trigrams": round(statistics.mean(distinct_trigrams(t) for t in texts), 3),
         "tree": tree.describe(),

