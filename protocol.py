@@ -228,14 +228,21 @@ class Metrics(BaseModel):
                                          "to its last token (total_ms less this: queueing, HTTP and streaming)")
 
 
-class CompletionResponse(BaseModel):
+class GenerationResponse(BaseModel):
+    """What a completion and a chat completion answer alike; each narrows `object` and `choices`."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[Choice]
+    choices: list
     usage: Usage | None = None
     metrics: Metrics | None = None
+
+
+class CompletionResponse(GenerationResponse):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[Choice]
 
 
 class ChatResponseMessage(BaseModel):
@@ -264,14 +271,9 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(GenerationResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
-    metrics: Metrics | None = None
 
 
 # ---- tokenizing (vLLM's shapes) -------------------------------------------------------------------
