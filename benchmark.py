@@ -30,8 +30,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from loadgen import ROOT, Timed, local_server, server_rss_mb, speculative_steps, stream_completion
-from settings import DEFAULT_HEADS, DEFAULT_MODEL
+from bench.loadgen import ROOT, Timed, local_server, server_rss_mb, speculative_steps, stream_completion
+from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 
 MODES = ("standard", "speculative")
 PROMPTS_FILE = ROOT / "benchmark_prompts.json"
@@ -223,8 +223,8 @@ class InProcess:
     per repeat, between the HTTP phases, so that machine drift hits them too."""
 
     def __init__(self, model: str, heads: str, prompts: list[str], max_tokens: int):
-        from serving import load_served
-        from settings import Settings
+        from config.settings import Settings
+        from engine.serving import load_served
 
         self.engine = load_served(Settings(model_name=model, medusa_heads=heads, max_batch_size=1)).engine
         self.ids = [self.engine.tokenizer(p)["input_ids"] for p in prompts]
@@ -235,8 +235,8 @@ class InProcess:
     def run(self) -> None:
         import torch
 
-        from bench_engine import hf_generate
-        from sequence import Request
+        from bench.bench_engine import hf_generate
+        from engine.messages import Request
 
         pad = self.engine.tokenizer.pad_token_id or 0
         with torch.inference_mode():

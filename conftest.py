@@ -15,9 +15,9 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 
-from adaptive import CostTable  # noqa: E402
 from app import create_app  # noqa: E402
-from settings import SMALL_MODEL, Settings  # noqa: E402
+from config.settings import SMALL_MODEL, Settings  # noqa: E402
+from engine.adaptive import CostTable  # noqa: E402
 
 
 def until_ready(get, timeout=120.0):
@@ -37,7 +37,7 @@ def wait_ready():
 def settings(tmp_path_factory):
     """fp32 (exact references), and a fixed step cost table that is flat: every step costs the same
     whatever it verifies, so the adaptive chooser always takes the whole tree (tests of the service
-    do not depend on this machine's speed; tests/test_adaptive.py varies the table)."""
+    do not depend on this machine's speed; tests/engine/test_adaptive.py varies the table)."""
     flat = tmp_path_factory.mktemp("costs") / "flat.json"
     CostTable((1, 64), (1, 64), ((0.01, 0.01), (0.01, 0.01))).save(flat)
     return Settings(model_name=str(SMALL_MODEL), medusa_heads=str(SMALL_MODEL / "medusa"), device="cpu",

@@ -31,9 +31,10 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from int4 import LM_HEAD, Int4Linear, Int4Llama, file_supports, file_weights, float_weights, swap_linears
+from config.settings import auto_dtype_name
+from engine.int4 import LM_HEAD, Int4Linear, Int4Llama, file_supports, file_weights, float_weights, swap_linears
+from engine.tree import Tree, load_tree
 from medusa_model import KERNEL_INJECT_REFUSED, HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
-from tree import Tree, load_tree
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,8 @@ def save_medusa_heads(heads: MedusaHeads, folder: Path, base_model: str, safeten
 
 
 def auto_dtype(device: str) -> torch.dtype:
-    """fp16 on CUDA, fp32 on the CPU. bf16 on a CPU with AVX512-BF16 decodes about 1.3x faster and makes a
-    small tree's verify nearly free, but its attention kernel gives a query row different bits when the
-    rows around it change (fp32's does too, by ~1e-7), and at bf16's resolution that flips greedy
-    choices: speculative and standard greedy outputs then differ (docs/benchmarks.md). DTYPE=bfloat16
-    chooses it anyway."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    """config.settings.auto_dtype_name's choice, as a torch dtype."""
+    return getattr(torch, auto_dtype_name(device))
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app import create_app
-from engine import Engine
-from serving import Served, load_served
-from settings import Settings
+from config.settings import Settings
+from engine.decode import Engine
+from engine.serving import Served, load_served
 from tests.http_helpers import assert_error, wait_for
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n",
@@ -104,7 +104,7 @@ def test_json_and_stream_equal_the_reference(http, reference, speculative):
 
 
 def test_golden_answer(http):
-    from tests.test_bundled import GOLDEN_PROMPT, GOLDEN_TEXT
+    from tests.engine.test_bundled import GOLDEN_PROMPT, GOLDEN_TEXT
 
     out = http.post("/v1/completions", json={"prompt": GOLDEN_PROMPT, "max_tokens": 48}).json()
     assert out["choices"][0]["text"] == GOLDEN_TEXT

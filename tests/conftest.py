@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import shutil
+import socket
+import subprocess
+import time
 
 import httpx
 import pytest
 import torch
 
+from config.settings import DEFAULT_HEADS, DEFAULT_MODEL, SMALL_MODEL
 from load_medusa_from_hf import heads_tree, load_medusa_model
-from settings import DEFAULT_HEADS, DEFAULT_MODEL, SMALL_MODEL
-from toy_model import build_toy, stdlib_texts
+from training.toy_model import build_toy, stdlib_texts
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +79,30 @@ def chat_url(settings, serve_with):
 def chat_http(chat_url):
     with httpx.Client(base_url=chat_url, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,10 +1,19 @@
-"""Helpers shared by the HTTP tests (test_medusa.py and tests/test_*.py)."""
+"""Helpers shared by the HTTP tests (test_medusa.py and tests/*/test_*.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
+
+from config.settings import SMALL_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_error(r: httpx.Response, status: int) -> dict:
@@ -22,3 +31,35 @@ def wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def sse_events(raw: str) -> list[str]:
+    return [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "warning"}
+    small = ["--model-name", str(SMALL_MODEL), "--medusa-heads", str(SMALL_MODEL / "medusa")]  # flags after win
+    return subprocess.Popen([sys.executable, "app.py", "--device", "cpu", *small, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def serving(*args: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free port (or `port`), once it answers /health; and its URL."""
+    port = port or free_port()
+    server, url = serve("--port", str(port), *args), f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "the server never became ready"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.ConnectError:
+            pass
+        time.sleep(0.1)
