@@ -54,7 +54,7 @@ def create_app(settings: Settings, loader: Loader | None = None,
     app.include_router(api_router(settings, app.state.limiter))
     document_bodies(app, settings)
     add_demo_page(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.cors_origins:  # off unless configured: browsers then only call it from its own pages
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     import uvicorn
 
+    from server.connections import uvicorn_config
+
     lost: list[str] = []
 
     def stop(reason: str) -> None:
@@ -104,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         server.should_exit = True
 
     app = create_app(settings, on_engine_lost=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           timeout_graceful_shutdown=settings.shutdown_grace_s + 1))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     server.run()
     if lost:
         raise SystemExit(f"exiting: {lost[0]}")

@@ -80,10 +80,19 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field([], description='browser origins allowed to call the API, e.g. ["https://a.example"]; '
                                                    "empty: no CORS headers (same-origin only)")
 
-    # where it listens
+    # where it listens, and how it holds connections
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    trusted_proxies: str = Field("", description="comma-separated addresses of the proxies whose X-Forwarded-For "
+                                                 "(the client address for rate limits and logs) is trusted, or *; "
+                                                 "empty: none")
+    limit_concurrency: int = Field(1000, ge=0, description="connections and tasks at once; beyond: 503; 0: no limit")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request head not received within this closes the "
+                                                            "connection")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not received within this gets 408")
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_header_bytes: int = Field(16384, ge=1024, description="a larger incomplete request head is refused")
 
     @field_validator("chat_template")
     @classmethod

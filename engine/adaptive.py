@@ -5,10 +5,13 @@ down to none: root only).
     expected tokens per second(tree) = (speculative seqs x (1 + sum of P(node accepted) over the
                                         tree's nodes) + standard seqs) / step seconds(batch, nodes)
 
-P(node accepted) is counted online (accepted / offered, started from a prior); the step's seconds
-come from a cost table the engine measures on its own hardware (calibration.py), cached to a file
-keyed by model, device, dtype and tree. A verify step is nearly free while the hardware is under-used and
-costly once the batch fills it: the tree shrinks as the batch grows, down to no speculation."""
+P(node accepted) is counted online (accepted / offered, started from a prior, older steps weighing
+less), and a tree smaller than the whole one verifies the next bigger one on a share of its steps
+where that one could pay (exploration: without it, once root only wins nothing can change its mind).
+The step's seconds come from a cost table the engine measures on its own hardware (calibration.py),
+cached to a file keyed by model, device, dtype and tree. A verify step is nearly free while the
+hardware is under-used and costly once the batch fills it: the tree shrinks as the batch grows, down
+to no speculation."""
 
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ from engine.tree import ROOT, Tree, build_tree
 
 log = logging.getLogger(__name__)
 PRIOR_WEIGHT = 8.0  # the prior counts as this many offers of each node
+DECAY = 0.99  # each step a node is verified in weighs its older evidence by this (~100 steps' memory)
+EXPLORE_EVERY = 16  # a tree smaller than the whole one verifies the next bigger one on every 16th step, if it
+# could pay at all (were its nodes always accepted)
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,11 @@ class TreeChooser:
     def __init__(self, tree: Tree, costs: CostTable):
         self.tree, self.costs = tree, costs
         self.offered = {p: PRIOR_WEIGHT for p in tree.paths}  # per node (its path): steps it was verified in
-        self.accepted = {p: PRIOR_WEIGHT * prior(p) for p in tree.paths}
+        self.accepted = {p: PRIOR_WEIGHT * prior(p) for p in tree.paths}  # ... and was accepted in
         self.family = nested_family(tree)
         self.in_use: Tree = self.family[-1]  # the last step's tree for speculative sequences
         self._step_seconds: dict[int, list[float]] = {}  # batch size -> predicted seconds per family tree
+        self._since_explored = 0  # speculative steps since a bigger tree than the best was verified
 
     def probability(self, path: tuple[int, ...]) -> float:
         return self.accepted[path] / self.offered[path]
@@ -116,7 +123,13 @@ class TreeChooser:
             self._step_seconds[batch] = [self.costs.predict(batch, t.num_nodes) for t in self.family]
         rates = [(speculative * self.expected_tokens(t) + standard) / seconds
                  for t, seconds in zip(self.family, self._step_seconds[batch])]
-        self.in_use = self.family[rates.index(max(rates))]
+        best = rates.index(max(rates))
+        self._since_explored += 1
+        if best + 1 < len(self.family) and self._since_explored >= EXPLORE_EVERY:
+            bigger, seconds = self.family[best + 1], self._step_seconds[batch][best + 1]
+            if (speculative * (1 + bigger.depth) + standard) / seconds > rates[best]:  # it could pay: measure it
+                best, self._since_explored = best + 1, 0
+        self.in_use = self.family[best]
         return self.in_use
 
     def record(self, trees: list[Tree], accepted: Accepted) -> None:
@@ -127,8 +140,9 @@ class TreeChooser:
         counts, nodes = accepted.count.tolist(), accepted.nodes.tolist()
         for tree in verified.values():
             n = sum(t is tree for t in trees)
-            for p in tree.paths:
-                self.offered[p] += n
+            for p in tree.paths:  # the evidence so far decays toward the prior, then this step's adds
+                self.offered[p] = PRIOR_WEIGHT + DECAY * (self.offered[p] - PRIOR_WEIGHT) + n
+                self.accepted[p] = PRIOR_WEIGHT * prior(p) + DECAY * (self.accepted[p] - PRIOR_WEIGHT * prior(p))
         for tree, count, path_nodes in zip(trees, counts, nodes):
             for node in path_nodes[1:count]:  # [root, accepted nodes..., padding]
                 self.accepted[tree.paths[node - 1]] += 1

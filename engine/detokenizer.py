@@ -85,6 +85,16 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         return self.stops.feed(self.detokenizer.push(token))
 
+    @property
+    def length(self) -> int:
+        """Characters of text so far (cut at a stop string), released or held back."""
+        return len(self.stops.text)
+
+    @property
+    def released(self) -> int:
+        """Characters of text released so far."""
+        return self.stops.sent
+
     def finish(self) -> str:
         tail, _ = self.stops.feed(self.detokenizer.flush())
         return tail + self.stops.flush()

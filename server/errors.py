@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from slowapi.errors import RateLimitExceeded
 from starlette.exceptions import HTTPException
 
+from server.connections import body_deadline
 from server.responses import ERROR_TYPES, ErrorResponse, error_body
 
 log = logging.getLogger("medusa")
@@ -31,10 +32,11 @@ def error(status: int, message: str, param: str | None = None, headers: dict | N
 
 
 class BodyLimit:
-    """413 for bodies over the limit: by Content-Length up front, or as a body streams in."""
+    """413 for bodies over the limit: by Content-Length up front, or as a body streams in; 408 for a
+    body that takes longer than timeout_s to arrive (server/connections.py)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,11 +45,11 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
             return await error(413, message)(scope, receive, send)
-        seen = 0
+        seen, timed = 0, body_deadline(receive, self.timeout_s)
 
         async def counted():
             nonlocal seen
-            msg = await receive()
+            msg = await timed()
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
                 raise HTTPException(413, message)  # FastAPI re-raises HTTPExceptions met while reading

@@ -175,8 +175,10 @@ class Generation:
         raise NotImplementedError
 
     def submit(self) -> Ticket | None:
-        """Queue the choices (raises QueueFull); None when there is nothing to generate."""
-        return self.batcher.submit(self.requests) if self.max_tokens > 0 else None
+        """Queue the choices (raises QueueFull); None when there is nothing to generate or score (max_tokens
+        0 with echo and logprobs scores the prompt: the engine prefills it and emits no token)."""
+        scores = any(r.score_prompt for r in self.requests)
+        return self.batcher.submit(self.requests) if self.max_tokens > 0 or scores else None
 
     def _observe(self, update: Update) -> None:
         now, n = time.perf_counter(), len(update.event.token_ids)

@@ -56,10 +56,10 @@ def api_router(settings: Settings, limiter: Limiter | None) -> APIRouter:
     """The routes, with this server's key guard and its rate limit on generation."""
     keyed = [Depends(key_guard(settings))] if settings.keys() else []
     router = APIRouter(responses=ERRORS)
-    router.add_api_route("/health", health, methods=["GET"])
-    router.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList, dependencies=keyed)
-    router.add_api_route("/info", info, methods=["GET"], dependencies=keyed)
-    router.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
+    add_get(router, "/health", health)
+    add_get(router, "/v1/models", models, response_model=ModelList, dependencies=keyed)
+    add_get(router, "/info", info, dependencies=keyed)
+    add_get(router, "/metrics", prometheus, response_class=PlainTextResponse)
     generating = [completions, chat_completions]
     if limiter is not None:  # slowapi's decorator, not its middleware (which breaks streaming); one
         shared = limiter.shared_limit(settings.rate_limit, scope="generate")  # budget for both routes
@@ -72,6 +72,13 @@ def api_router(settings: Settings, limiter: Limiter | None) -> APIRouter:
         router.add_api_route(path, tokenizer_route(BODIES[path], work), methods=["POST"], response_model=answer,
                              dependencies=keyed, openapi_extra=body_schema(path))
     return router
+
+
+def add_get(router: APIRouter, path: str, endpoint: Callable, **options) -> None:
+    """GET, and HEAD (HTTP requires it of GET resources; monitors probe with it): the same answer, whose
+    body the server drops. HEAD stays out of the OpenAPI document."""
+    router.add_api_route(path, endpoint, methods=["GET"], **options)
+    router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **options)
 
 
 # ---- open routes ------------------------------------------------------------------------------------
@@ -264,6 +271,6 @@ def add_demo_page(app: FastAPI) -> None:
         return
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def demo():
         return FileResponse(page)

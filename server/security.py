@@ -35,16 +35,20 @@ def key_guard(settings: Settings) -> Callable:
 
 
 def make_limiter(settings: Settings) -> Limiter | None:
-    """None unless RATE_LIMIT is set. The key is a hash of the API key (never the key itself), or the
-    client's address when the server has no keys (so that clients cannot mint new keys to escape)."""
+    """None unless RATE_LIMIT is set. The key is the API key the request matched, hashed (never the key
+    itself), or the client's address when the server has no keys (so that clients cannot mint new keys
+    to escape). The matched key, not the header: "Bearer  k1" (two spaces) is k1, and one bucket."""
     if not settings.rate_limit:
         return None
-    keyed = bool(settings.keys())
+    keys = {key: "key:" + hashlib.sha256(key).hexdigest()[:32] for key in settings.keys()}
 
     def client(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if keyed and scheme.lower() == "bearer" and token:
-            return "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        given = token.strip().encode()
+        if scheme.lower() == "bearer":
+            for key, bucket in keys.items():
+                if hmac.compare_digest(given, key):
+                    return bucket
         return "addr:" + get_remote_address(request)
 
     return Limiter(key_func=client, storage_uri=settings.rate_limit_storage, headers_enabled=True,

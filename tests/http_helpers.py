@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def wait_for(condition, timeout: float = 30.0) -> None:
 
 def sse_events(raw: str) -> list[str]:
     return [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
+
+
+def streamed(url: str, body: dict, first: threading.Event, headers: dict | None = None) -> list[str]:
+    """POST body to url as a stream (usage on); sets `first` once the first bytes arrive; the events."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    raw = ""
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for text in r.iter_text():
+            raw += text
+            first.set()
+    return sse_events(raw)
 
 
 def free_port() -> int:

@@ -132,6 +132,26 @@ def test_the_service_shows_the_tree_in_use_and_speculates_only_where_it_pays(set
         assert "medusa_tree_nodes 1.0" in c.get("/metrics").text
 
 
+def test_speculation_comes_back_after_a_low_acceptance_phase(settings, wait_ready, tmp_path):
+    """Each token verified costs 0.3 of a step: the 2-node tree pays while its node is accepted more
+    than 30% of the time. Hot sampling accepts little and the tree falls to root only; greedy code
+    then accepts a lot, and the exploration steps (a bigger tree every 16th step) bring it back."""
+    costly = tmp_path / "costly.json"
+    CostTable((1, 64), (1, 64), ((1.0, 19.9), (1.0, 19.9))).save(costly)
+    with TestClient(create_app(settings.model_copy(update={"cost_table": str(costly)}))) as c:
+        wait_ready(c.get)
+
+        for i in range(8):
+            hot = c.post("/v1/completions", json={"prompt": "def", "max_tokens": 32, "temperature": 1.5, "seed": i})
+        assert hot.json()["metrics"]["accepted_tokens_per_step"] < 1.1  # root only, but for exploration
+        greedy = {"prompt": "class Config:\n    def __init__(self, **kwargs):\n", "max_tokens": 48}
+        for _ in range(12):  # exploration alone (1 step in 16) would give at most 1.06 tokens per step
+            per_step = c.post("/v1/completions", json=greedy).json()["metrics"]["accepted_tokens_per_step"]
+            if per_step > 1.3:
+                break
+        assert per_step > 1.3
+
+
 def test_the_whole_tree_where_verifying_is_free(http):
     """The session's server has a flat table (conftest): always the whole tree."""
     http.post("/v1/completions", json={"prompt": "import os\n", "max_tokens": 8})

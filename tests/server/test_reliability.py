@@ -4,6 +4,7 @@ changes: the server keeps serving and no request is left running or waiting."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import signal
@@ -29,7 +30,7 @@ from engine.serving import Served, load_served
 from server.completions import tokenize
 from server.generation import BadRequest, Limits, max_prompt_chars
 from server.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, CompletionRequest
-from tests.http_helpers import assert_error, serve, serving, sse_events, wait_for
+from tests.http_helpers import assert_error, serve, serving, sse_events, streamed, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,11 +105,47 @@ def test_the_server_keeps_serving_after_every_bad_input(http):
 
 
 def test_max_tokens_zero_scores_the_prompt(http):
-    r = http.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 0, "echo": True, "logprobs": 0})
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0): the prompt's log-probs, as the
+    same prompt's echo gets when one token is generated, and nothing generated; streamed alike."""
+    body = {"prompt": "def f():", "echo": True, "logprobs": 1}
+    r = http.post("/v1/completions", json={**body, "max_tokens": 0})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["text"] == "def f():" and choice["finish_reason"] == "length"
     assert r.json()["usage"]["completion_tokens"] == 0
+    scored = choice["logprobs"]
+    assert scored["token_logprobs"][0] is None and all(isinstance(x, float) for x in scored["token_logprobs"][1:])
+    one = http.post("/v1/completions", json={**body, "max_tokens": 1}).json()["choices"][0]["logprobs"]
+    n = len(scored["tokens"])
+    assert n > 1 and {k: v[:n] for k, v in one.items()} == scored
+    stream = http.post("/v1/completions", json={**body, "max_tokens": 0, "stream": True}).text
+    chunks = [json.loads(e)["choices"][0] for e in sse_events(stream)[:-1]]
+    assert chunks[0]["text"] == "def f():" and chunks[0]["logprobs"] == scored
+    assert [c["finish_reason"] for c in chunks] == [None, "length"] and chunks[1]["text"] == ""
+
+
+def test_a_stop_string_cuts_its_tokens_from_the_log_probs_and_the_usage(http):
+    """Tokens whose text a stop string cuts away entirely are neither in logprobs nor in usage; the
+    token texts add up to the answer's text (no token straddles the cut here)."""
+    body = {"prompt": "def fibonacci(n):\n", "max_tokens": 24, "logprobs": 0}
+    full = http.post("/v1/completions", json=body).json()["choices"][0]
+    text, tokens = full["text"], full["logprobs"]["tokens"]
+    starts = list(itertools.accumulate(map(len, tokens), initial=0))[:-1]
+    cut = next(s for s in starts if s >= 4 and len(text) >= s + 5 and text.find(text[s : s + 5]) == s)
+    stop = text[cut : cut + 5]  # the first time the model writes it, at a token's start
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={**body, "stop": stop, "stream": stream,
+                                               "stream_options": {"include_usage": True} if stream else None})
+        if stream:
+            events = [json.loads(e) for e in sse_events(r.text)[:-1]]
+            got = "".join(c["text"] for e in events for c in e["choices"])
+            got_tokens = [t for e in events for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+            usage = events[-1]["usage"]
+        else:
+            choice, usage = r.json()["choices"][0], r.json()["usage"]
+            got, got_tokens = choice["text"], choice["logprobs"]["tokens"]
+        assert got == full["text"][:cut] and "".join(got_tokens) == got, (stream, got, got_tokens)
+        assert usage["completion_tokens"] == len(got_tokens) == starts.index(cut)
 
 
 # ---- deadlines -------------------------------------------------------------------------------------
@@ -246,18 +283,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
         engine = httpx.get(url + "/info").json()["engine_pid"]
         body = {"prompt": "def f():", "max_tokens": 300, "ignore_eos": True}
         first_chunk = threading.Event()
-
-        def streamed() -> list[str]:
-            stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            with httpx.stream("POST", url + "/v1/completions", json=stream_body, timeout=60) as r:
-                raw = ""
-                for text in r.iter_text():
-                    raw += text
-                    first_chunk.set()
-            return sse_events(raw)
-
         with ThreadPoolExecutor(2) as pool:
-            stream = pool.submit(streamed)
+            stream = pool.submit(streamed, url, body, first_chunk)
             plain = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
             assert first_chunk.wait(60)
             server.send_signal(signal.SIGTERM)

@@ -105,6 +105,19 @@ def test_rate_limit_per_api_key(settings, wait_ready):
         c.__exit__(None, None, None)
 
 
+def test_whitespace_around_a_key_does_not_escape_its_limit(settings, wait_ready):
+    """"Bearer  k1" and "Bearer k1 " are the key k1 (the key guard strips them): the same bucket."""
+    c = app_client(settings, wait_ready, rate_limit="3/minute", api_keys=KEYS)
+    key = KEYS.split(",")[0]
+    try:
+        for spaces in ("", " ", "  "):
+            r = c.post("/v1/completions", json=BODY, headers={"Authorization": f"Bearer {spaces}{key}{spaces}"})
+            assert r.status_code == 200
+        assert_limited(c.post("/v1/completions", json=BODY, headers={"Authorization": f"Bearer    {key}"}))
+    finally:
+        c.__exit__(None, None, None)
+
+
 def test_bad_rate_limit_setting_is_refused_at_start():
     with pytest.raises(ValueError, match="rate_limit"):
         Settings(rate_limit="lots per minute")
