@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from bench.baseline import InProcess
 from bench.loadgen import ROOT, Timed, local_server, server_rss_mb, speculative_steps, stream_completion
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 
@@ -217,49 +218,6 @@ def plot(summary: list[dict], path: Path, title: str, tree_nodes: int | None = N
     plt.close(fig)
 
 
-class InProcess:
-    """HF `generate()` and the service's own engine (built by the same `load_served` as the server) in
-    this process, batch 1, one request after the other, on the requests of the lowest level; run once
-    per repeat, between the HTTP phases, so that machine drift hits them too."""
-
-    def __init__(self, model: str, heads: str, prompts: list[str], max_tokens: int):
-        from config.settings import Settings
-        from engine.serving import load_served
-
-        self.engine = load_served(Settings(model_name=model, medusa_heads=heads, max_batch_size=1)).engine
-        self.ids = [self.engine.tokenizer(p)["input_ids"] for p in prompts]
-        self.max_tokens = max_tokens
-        self.seconds: dict[str, list[float]] = {"hf": [], "standard": [], "speculative": []}  # per request
-        self.outputs: dict[str, list[list[int]]] = {mode: [] for mode in self.seconds}
-
-    def run(self) -> None:
-        import torch
-
-        from bench.bench_engine import hf_generate
-        from engine.messages import Request
-
-        pad = self.engine.tokenizer.pad_token_id or 0
-        with torch.inference_mode():
-            for p in self.ids:
-                seconds, out = hf_generate(self.engine.model.model, [p], self.max_tokens, pad)
-                self.seconds["hf"].append(seconds)
-                self.outputs["hf"] += out
-            for mode in MODES:
-                for i, p in enumerate(self.ids):
-                    start = time.perf_counter()
-                    seq, = self.engine.generate([Request(str(i), p, self.max_tokens, ignore_eos=True,
-                                                         speculative=mode == "speculative")])
-                    self.seconds[mode].append(time.perf_counter() - start)
-                    self.outputs[mode].append(seq.tokens)
-
-    def result(self) -> dict:
-        return {"prompt_tokens": [len(p) for p in self.ids],
-                "seconds_per_request": {k: statistics.median(v) for k, v in self.seconds.items()},
-                "tokens_per_s": {k: self.max_tokens * len(v) / sum(v) for k, v in self.seconds.items()},
-                "standard_equals_hf": self.outputs["standard"] == self.outputs["hf"],
-                "speculative_equals_standard": self.outputs["speculative"] == self.outputs["standard"]}
-
-
 def checks(summary: list[dict], baseline: dict | None) -> list[str]:
     """The comparisons the README quotes, as sentences."""
     at = {(r["mode"], r["concurrency"]): r for r in summary}
@@ -290,6 +248,16 @@ def checks(summary: list[dict], baseline: dict | None) -> list[str]:
         lines.append(f"in-process outputs: standard == HF generate(): {baseline['standard_equals_hf']}; "
                      f"speculative == standard: {baseline['speculative_equals_standard']}")
     return lines
+
+
+def server_info(url: str) -> dict:
+    """This service's /info; for another OpenAI-compatible server (llama-server), what /v1/models says."""
+    r = httpx.get(url + "/info")
+    if r.status_code == 200:
+        return r.json()
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    return {"model": Path(model).name, "tree": {"name": "no Medusa", "nodes": 1}, "device": "?", "dtype": "?",
+            "max_batch_size": "?"}
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -362,10 +330,10 @@ def main() -> None:
              str(args.max_batch_size or max(args.levels)), "--queue-size", str(max(64, *args.levels)), *args.server_flag]
     server = contextlib.nullcontext(args.url.rstrip("/")) if args.url else local_server(*flags)
     first = requests_at(args, min(args.levels))
-    baseline = InProcess(args.model, args.heads, [prompts[i % len(prompts)] for i in range(first)],
+    baseline = InProcess(args.model, args.heads, [prompts[i % len(prompts)] for i in range(first)], MODES,
                          args.max_tokens) if args.baseline_hf else None
     with server as url:
-        info = httpx.get(url + "/info").json()
+        info = server_info(url)
         phases = asyncio.run(run_all(url, args, prompts, baseline))
     rows = [phase_stats(p) for p in phases]
     summary = summarize(rows)

@@ -133,9 +133,10 @@ async def _read_events(r: httpx.Response, t: Timed, start: float) -> None:
         event = json.loads(line[6:])
         if "error" in event:
             t.error = event["error"]["message"]
-        elif event["choices"]:
+            continue
+        if event["choices"]:
             t.chunks.append(time.perf_counter() - start)
-        elif event.get("usage"):
+        if event.get("usage"):  # its own chunk here; llama-server's comes with the last choice
             t.prompt_tokens, t.output_tokens = event["usage"]["prompt_tokens"], event["usage"]["completion_tokens"]
             metrics = event.get("metrics") or {}
             t.decode_steps, t.accepted_per_step = metrics.get("decode_steps", 0), metrics.get("accepted_tokens_per_step")

@@ -3,15 +3,17 @@ the path a user takes (the service started by the benchmark, streaming clients, 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from bench.loadgen import Timed
+from bench.loadgen import Timed, stream_completion
 from benchmark import Phase, phase_stats, summarize, table
 from config.settings import SMALL_MODEL
 
@@ -21,6 +23,25 @@ ROOT = Path(__file__).resolve().parents[2]
 def timed(chunks: list[float], end: float, tokens: int, steps: int, per_step: float) -> Timed:
     return Timed(ok=True, chunks=chunks, end=end, prompt_tokens=5, output_tokens=tokens, decode_steps=steps,
                  accepted_per_step=per_step)
+
+
+def test_a_stream_is_read_in_this_services_shape_and_llama_servers():
+    """Usage in a chunk of its own (this service), or with the last choice (llama-server: the peer script)."""
+    choice = {"text": "a", "index": 0, "logprobs": None, "finish_reason": None}
+    last = {**choice, "text": "", "finish_reason": "length"}
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    ours = [{"choices": [choice]}, {"choices": [last]}, {"choices": [], "usage": usage, "metrics": {"decode_steps": 1}}]
+    theirs = [{"choices": [choice]}, {"choices": [last], "usage": usage}]
+    for events in (ours, theirs):
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+        async def read():
+            transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+                return await stream_completion(client, {"prompt": "p"})
+
+        t = asyncio.run(read())
+        assert t.ok and (t.prompt_tokens, t.output_tokens) == (3, 2) and len(t.chunks) == 2
 
 
 def test_figures_of_a_phase_and_the_medians_of_the_repeats():
