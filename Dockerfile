@@ -27,6 +27,11 @@ COPY engine/ engine/
 COPY server/ server/
 COPY static/ static/
 COPY models/ models/
+# The C++ decoder layers of the int4 CPU path (engine/int4_layers.cpp), built once here rather than at
+# the first start; the engine's user takes a lock file in their folder when it loads them.
+ENV TORCH_EXTENSIONS_DIR=/opt/torch_extensions
+RUN python -c "from engine.int4 import native_extension; assert native_extension() is not None" \
+    && chown -R 10001 /opt/torch_extensions
 
 USER 10001
 ENV HOST=0.0.0.0 \

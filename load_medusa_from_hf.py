@@ -326,7 +326,8 @@ def int4_model(model, heads: MedusaHeads | None, source: ModelSource, quantize: 
         rows = None if heads.token_map is None else heads.token_map.cpu().numpy()
         projection = runner.lm_head if rows is None else Int4Linear([b.rows(rows) for b in weights[LM_HEAD]])
     swap_linears(model, weights)
-    return MedusaModel(model, heads, runner, 1, source.describe(dtype, quantize), lm_head=table,
+    layers = "its decoder layers in C++" if runner.native is not None else "its decoder layers in Python (no C++ build)"
+    return MedusaModel(model, heads, runner, 1, f"{source.describe(dtype, quantize)}; {layers}", lm_head=table,
                        head_projection=projection)
 
 

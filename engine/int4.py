@@ -16,10 +16,15 @@ construction, bitwise).
 
 The forward (Int4Llama) takes the HF model's own embedding, norms and rotary embedding, and replaces
 its projections with the int4 ones, fused per layer: q, k and v in one matrix, gate and up in one.
+Its decoder layers run in C++ (int4_layers.cpp: the same ATen calls as Int4Layer.forward, without
+Python's cost per call), compiled on first use into torch's extension cache; where no C++ compiler
+is found they run in Python, and the log says so.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
+
+from engine.kv_cache import CacheWriter
+
+log = logging.getLogger("medusa.engine")
 
 GROUP = 32  # weights per GGUF block: the kernel's group size
 # The kernel's input, scales and zeros: bf16, its vectorised path (here fp16 input ran 45x slower, fp32 40x).
@@ -268,17 +277,53 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
+NATIVE_SOURCE = Path(__file__).with_name("int4_layers.cpp")
+
+
+@functools.cache
+def native_extension():
+    """int4_layers.cpp as a Python module, built once per source version (a minute on 2 cores) into
+    torch's extension cache (TORCH_EXTENSIONS_DIR); None where it cannot be built."""
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(name="medusa_int4_layers", sources=[str(NATIVE_SOURCE)], extra_cflags=["-O2"])
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, or a failed build
+        log.warning("the int4 layers run in Python (slower): the C++ ones could not be built: %s", e)
+        return None
+
+
+def native_layers(layers: list[Int4Layer]):
+    """The layers' weights handed to int4_layers.cpp's Layers, or None without it."""
+    extension = native_extension()
+    if extension is None:
+        return None
+    first = layers[0]
+    native = extension.Layers(first.heads, first.kv_heads, first.head_dim, first.intermediate, first.eps,
+                              first.head_dim**-0.5)
+
+    def parts(linear: Int4Linear) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(m.packed, m.scales_zeros) for m in linear.matrices]
+
+    for layer in layers:
+        native.add(*layer.norms, parts(layer.qkv), parts(layer.o), parts(layer.gate_up), parts(layer.down))
+    return native
+
+
 class Int4Llama(nn.Module):
     """A drop-in for the HF Llama forward the engine calls (MedusaModel.runner), over int4 weights;
-    the embedding, norms and rotary frequencies are the HF model's own, in its float dtype."""
+    the embedding, norms and rotary frequencies are the HF model's own, in its float dtype. `native`:
+    the layers in C++ when it can be built (the engine's forwards; a forward without a cache runs
+    the Python layers)."""
 
-    def __init__(self, hf_model, weights: dict[str, list[Blocks]]):
+    def __init__(self, hf_model, weights: dict[str, list[Blocks]], native: bool = True):
         super().__init__()
         inner = hf_model.model
         self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.layers = nn.ModuleList(Int4Layer(layer, weights, f"model.layers.{i}", hf_model.config)
                                     for i, layer in enumerate(inner.layers))
         self.lm_head = Int4Linear(weights[LM_HEAD])
+        self.native = native_layers(list(self.layers)) if native else None
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0, **_
                 ) -> SimpleNamespace:
@@ -296,8 +341,12 @@ class Int4Llama(nn.Module):
         half = cos.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         rope = cos[:, None], sin[:, None]
-        for layer in self.layers:
-            x = layer(x, rope, attention_mask, cache)
+        if self.native is not None and isinstance(cache, CacheWriter) and cache.rows.step is None:
+            x = self.native.forward(x, *rope, attention_mask, cache.cache.k, cache.cache.v, cache.rows.start or 0,
+                                    cache.rows.stop, cache.batch_index, cache.positions, cache.kv_len)
+        else:
+            for layer in self.layers:
+                x = layer(x, rope, attention_mask, cache)
         hidden = F.rms_norm(x, (x.shape[-1],), self.final_norm.weight, self.final_norm.variance_epsilon)
         return SimpleNamespace(logits=self.lm_head(slice_logits_to_keep(hidden, logits_to_keep)), hidden_states=(hidden,))
 

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType, quants
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from engine.decode import Engine
 from engine.int4 import GROUP, KERNEL_DTYPE, Int4Error, Int4Linear, Int4Llama, blocks_of, file_blocks, quantize
+from engine.kv_cache import KVCache, step_mask
 from engine.messages import Request, SamplingParams
 from engine.tree import ROOT, preset
 from load_medusa_from_hf import ModelError, ModelSource, heads_tree, int4_model, load_medusa_model
@@ -161,7 +162,8 @@ def test_the_default_model_on_its_own_blocks(default_int4):
     RoPE round differently, and bf16 projections let such bits grow)."""
     model, tokenizer = default_int4
     assert model.weights == ("GGUF SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1): its own 4-bit "
-                             "blocks in PyTorch's int4 CPU kernel, embeddings and norms in float32")
+                             "blocks in PyTorch's int4 CPU kernel, embeddings and norms in float32; its decoder "
+                             "layers in C++")
     prompts = default_prompts(tokenizer)[:3]
     requests = [Request(str(i), p, max_new_tokens=32) for i, p in enumerate(prompts)]
     speculative = Engine(model, tokenizer, tree=heads_tree(str(DEFAULT_HEADS)), max_batch_size=3).generate(requests)
@@ -175,6 +177,37 @@ def test_the_default_model_on_its_own_blocks(default_int4):
         assert (hf.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9 and (hf - ours).abs().max() < 1.0
     assert sum(s.decode_tokens for s in speculative) > sum(s.decode_steps for s in speculative)
     assert tokenizer.decode(standard[0].tokens, skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def test_the_c_layers_give_the_python_layers_bits(default_int4):
+    """int4_layers.cpp makes Int4Layer.forward's ATen calls in C++: the same logits and the same cache,
+    bit for bit, for a tree step (a root and two children) of two sequences with different cached lengths,
+    in slots 1 and 2 of three."""
+    model, _ = default_int4
+    runner, config = model.runner, model.config
+    assert runner.native is not None, "the C++ layers were not built (see the log)"
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 9])
+    write = lengths[:, None] + torch.arange(3)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).expand(2, 3, 3)
+    mask = step_mask(lengths, write, tree, 12, torch.float32)
+    ids, depths = torch.randint(0, config.vocab_size, (2, 3)), torch.tensor([0, 1, 1])
+    start = torch.randn(config.num_hidden_layers, 3, config.num_key_value_heads, 16, runner.layers[0].head_dim)
+    results = []
+    for native in (runner.native, None):
+        cache = KVCache(config.num_hidden_layers, 3, config.num_key_value_heads, 16, runner.layers[0].head_dim,
+                        torch.float32, "cpu")
+        cache.k.copy_(start), cache.v.copy_(-start)
+        runner.native, saved = native, runner.native
+        try:
+            with torch.inference_mode():
+                logits = runner(ids, attention_mask=mask, position_ids=lengths[:, None] + depths,
+                                cache=cache.writer(slice(1, 3), write, 12)).logits
+        finally:
+            runner.native = saved
+        results.append((logits, cache.k, cache.v))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_batch_1_and_8_and_seeded_sampling_agree_on_the_default_model(default_int4):
