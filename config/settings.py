@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     cost_table: str = Field("", description="a step cost table (JSON) to choose trees by; empty: measured at start "
                                             "and cached in COST_CACHE_DIR")
     cost_cache_dir: str = Field("~/.cache/medusa-service", description="where measured cost tables are kept")
-    cpu_threads: int = Field(0, ge=0, description="torch threads when decoding on the CPU; 0: one per core, less "
-                                                  "the one left to the HTTP event loop")
+    cpu_threads: int = Field(0, ge=0, description="torch threads when decoding on the CPU; 0: one per core for int4 "
+                                                  "weights, else one per core less the one left to the HTTP event loop")
 
     # batching and limits
     max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one step")
@@ -128,10 +128,14 @@ class Settings(BaseSettings):
     def resolved_tp_size(self) -> int:
         return self.world_size if self.world_size > 1 else self.tp_size
 
-    def resolved_cpu_threads(self) -> int:
-        """Decoding threads that busy-wait on every core make the event loop (and clients on the same
-        machine) preempt them mid-step; vLLM's CPU backend reserves a core for the same reason."""
-        return self.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+    def resolved_cpu_threads(self, int4_weights: bool = False) -> int:
+        """Float weights: decoding threads that busy-wait on every core make the event loop (and clients
+        on the same machine) preempt them mid-step, so one core is left to it (vLLM's CPU backend
+        reserves one for the same reason). Int4 weights (QUANTIZE=gguf, int4): a step is bound by its
+        kernels' reads, and a second thread on 2 cores served 1.4x the tokens/s at 8 clients and the
+        same at 1 (README: Performance), so every core decodes."""
+        cores = os.cpu_count() or 1
+        return self.cpu_threads or (cores if int4_weights else max(1, cores - 1))
 
     def resolved_dtype(self) -> str:
         return auto_dtype_name(self.resolved_device()) if self.dtype == "auto" else self.dtype

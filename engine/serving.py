@@ -47,6 +47,8 @@ def load_served(settings: Settings) -> Served:
     model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
                                          dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.resolved_tp_size(),
                                          revision=settings.revision, quantize=settings.quantize)
+    if settings.resolved_device() == "cpu":  # the rule depends on the weights served
+        torch.set_num_threads(settings.resolved_cpu_threads(isinstance(model.runner, Int4Llama)))
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,
                     cuda_graphs=settings.cuda_graphs)

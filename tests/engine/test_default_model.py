@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -83,6 +84,8 @@ def test_the_default_settings_serve_it_with_its_heads(settings, wait_ready):
         assert info["weights"].startswith("GGUF SmolLM2-135M-Instruct.Q4_1.gguf") and info["num_heads"] >= 4
         assert "its own 4-bit blocks in PyTorch's int4 CPU kernel" in info["weights"]  # QUANTIZE=auto on the CPU
         assert info["deepspeed"] is False  # the int4 forward serves it, not DeepSpeed
+        assert info["weights"].endswith("its decoder layers in C++")
+        assert info["threads"] == defaults.resolved_cpu_threads(int4_weights=True) == os.cpu_count()  # every core
         assert info["max_context"] == 2048  # the default cap of the model's 8,192 (see the README)
         prompt = resolve_chatml(QUESTIONS[0])
         r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 48})

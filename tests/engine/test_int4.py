@@ -14,6 +14,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from bench.int4_layers import compare
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from engine.decode import Engine
 from engine.int4 import GROUP, KERNEL_DTYPE, Int4Error, Int4Linear, Int4Llama, blocks_of, file_blocks, quantize
@@ -208,6 +209,14 @@ def test_the_c_layers_give_the_python_layers_bits(default_int4):
         results.append((logits, cache.k, cache.v))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_the_layers_benchmark_times_both_and_restores_the_c_layers(default_int4):
+    model, _ = default_int4
+    native = model.runner.native
+    [row] = compare(model, shapes=[(8, 2, 3)], reps=1, inner=1)
+    assert (row["L"], row["B"], row["T"]) == (8, 2, 3) and row["C++"] > 0 and row["Python"] > 0
+    assert model.runner.native is native
 
 
 def test_batch_1_and_8_and_seeded_sampling_agree_on_the_default_model(default_int4):
