@@ -282,7 +282,7 @@ NATIVE_SOURCE = Path(__file__).with_name("int4_layers.cpp")
 
 @functools.cache
 def native_extension():
-    """int4_layers.cpp as a Python module, built once per source version (a minute on 2 cores) into
+    """int4_layers.cpp as a Python module, built once per source version (about 30 s on 2 cores) into
     torch's extension cache (TORCH_EXTENSIONS_DIR); None where it cannot be built."""
     from torch.utils import cpp_extension
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import numpy as np
 import pytest
@@ -17,7 +18,17 @@ from gguf import GGMLQuantizationType, quants
 from bench.int4_layers import compare
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from engine.decode import Engine
-from engine.int4 import GROUP, KERNEL_DTYPE, Int4Error, Int4Linear, Int4Llama, blocks_of, file_blocks, quantize
+from engine.int4 import (
+    GROUP,
+    KERNEL_DTYPE,
+    Int4Error,
+    Int4Linear,
+    Int4Llama,
+    blocks_of,
+    file_blocks,
+    native_extension,
+    quantize,
+)
 from engine.kv_cache import KVCache, step_mask
 from engine.messages import Request, SamplingParams
 from engine.tree import ROOT, preset
@@ -209,6 +220,18 @@ def test_the_c_layers_give_the_python_layers_bits(default_int4):
         results.append((logits, cache.k, cache.v))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_without_a_compiler_the_python_layers_run_and_the_log_says_so(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="medusa.engine"):
+        assert native_extension.__wrapped__() is None  # the cached build aside
+    assert "the int4 layers run in Python (slower)" in caplog.text and "g++: not found" in caplog.text
 
 
 def test_the_layers_benchmark_times_both_and_restores_the_c_layers(default_int4):
