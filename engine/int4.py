@@ -260,15 +260,31 @@ class Int4Layer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+TREE_ATTENTION_ROWS = 64  # tokens per sequence up to which a step of several computes attention by matmuls
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA in float64, the result back in float32. A tree's node and the standard step that would
+    """Attention in float64, the result back in float32. A tree's node and the standard step that would
     decode the same token see the same keys, but a sibling's keys sit one cache slot further on (a
     masked slot between): fp32 sums over keys in SIMD lanes, so their association, and the last bit,
     changes with the slot, and the bf16 projections after it turn such bits into other tokens now and
-    then. In float64 those differences stay far below what the fp32 result keeps."""
-    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
-    return out.float()
+    then. In float64 those differences stay far below what the fp32 result keeps.
+
+    One token per sequence (standard decoding): SDPA. Several, up to TREE_ATTENTION_ROWS (a tree):
+    two matmuls and a softmax, each kv head's query heads in one matrix, which ran 15% faster per
+    forward than SDPA at 3 tokens and 3-6% slower at 1 (an interleaved A/B of the forward, one run);
+    both in float64, they gave the same logits in every shape compared. Longer (a prompt): SDPA, which
+    does not hold the whole score matrix."""
+    b, heads, t, d = q.shape
+    if t == 1 or t > TREE_ATTENTION_ROWS:
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale,
+                                              enable_gqa=True).float()
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.double().reshape(b, kv_heads, group * t, d), k.double().transpose(-1, -2)).mul_(scale)
+    scores = scores.view(b, kv_heads, group, t, keys).add_(mask.unsqueeze(1))
+    probs = torch.softmax(scores, -1).view(b, kv_heads, group * t, keys)
+    return torch.matmul(probs, v.double()).view(b, heads, t, d).float()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ using at::Tensor;
 using at::indexing::Slice;
 
 constexpr int64_t kGroup = 32;  // engine/int4.py GROUP
+constexpr int64_t kTreeAttentionRows = 64;  // engine/int4.py TREE_ATTENTION_ROWS
 
 // Int4Linear: fp32 in and out, bf16 into the kernel; several parts (Q8_0's two halves) summed.
 struct Linear {
@@ -81,10 +82,7 @@ class Layers {
       auto values = cache_v.select(0, static_cast<int64_t>(i)).slice(0, row0, row1);
       keys.index_put_({batch_index, Slice(), positions}, k.transpose(1, 2));
       values.index_put_({batch_index, Slice(), positions}, v.transpose(1, 2));
-      auto attn = at::scaled_dot_product_attention(
-                      q.to(at::kDouble), keys.slice(2, 0, kv_len).to(at::kDouble),
-                      values.slice(2, 0, kv_len).to(at::kDouble), mask, 0.0, false, scale_, true)
-                      .to(at::kFloat);
+      auto attn = attention(q, keys.slice(2, 0, kv_len), values.slice(2, 0, kv_len), mask);
       x = x + layer.o(attn.transpose(1, 2).reshape({b, t, heads_ * d}));
       auto gate_up = layer.gate_up(at::rms_norm(x, {width}, layer.norm1, eps_)).split(intermediate_, -1);
       x = x + layer.down(at::silu(gate_up[0]) * gate_up[1]);
@@ -93,6 +91,22 @@ class Layers {
   }
 
  private:
+  // engine/int4.py attention(), call for call: float64; SDPA for one token per sequence or a prompt,
+  // matmuls and a softmax for a tree of up to kTreeAttentionRows tokens.
+  Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) const {
+    const int64_t b = q.size(0), t = q.size(2), d = q.size(3), keys = k.size(2), group = heads_ / kv_heads_;
+    if (t == 1 || t > kTreeAttentionRows) {
+      return at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), mask, 0.0,
+                                              false, scale_, true)
+          .to(at::kFloat);
+    }
+    auto queries = q.to(at::kDouble).reshape({b, kv_heads_, group * t, d});  // each kv head's query heads
+    auto scores = at::matmul(queries, k.to(at::kDouble).transpose(-1, -2)).mul_(scale_);
+    scores = scores.view({b, kv_heads_, group, t, keys}).add_(mask.unsqueeze(1));
+    auto probs = at::softmax(scores, -1).view({b, kv_heads_, group * t, keys});
+    return at::matmul(probs, v.to(at::kDouble)).view({b, heads_, t, d}).to(at::kFloat);
+  }
+
   int64_t heads_, kv_heads_, head_dim_, intermediate_;
   double eps_, scale_;
   std::vector<Layer> layers_;
