@@ -96,9 +96,10 @@ def benchmark(args: argparse.Namespace, out: Path, *flags: str) -> list[dict]:
     """benchmark.py's summary rows for one server."""
     command = [sys.executable, str(ROOT / "benchmark.py"), "--levels", ",".join(map(str, args.levels)),
                "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--out", str(out), *flags]
+    (out / "summary.csv").unlink(missing_ok=True)  # an earlier run's figures are never read as this one's
     code = subprocess.call(command, cwd=ROOT)
-    if code not in (0, 1):  # 1: some requests failed; the table counts them (errors), and the rest stand
-        raise SystemExit(f"benchmark.py stopped with exit status {code}")
+    if code not in (0, 1) or not (out / "summary.csv").exists():  # 1 with a summary: some requests failed; the
+        raise SystemExit(f"benchmark.py stopped with exit status {code}")  # table counts them, the rest stand
     with open(out / "summary.csv") as f:
         return list(csv.DictReader(f))
 
@@ -156,12 +157,15 @@ def main() -> None:
     ours = [] if not args.benchmark else benchmark(args, args.work / "results-medusa", "--model", args.model,
                                                    "--heads", args.heads, "--max-batch-size", str(slots),
                                                    f"--server-flag={threads}")
-    with local_server("--model-name", args.model, "--medusa-heads", args.heads, "--max-batch-size", str(slots),
-                      threads) as url:
-        agreed = agreement(url, greedy_answers(url, prompts), theirs)
-    print(f"\ngreedy answers to {agreed['prompts']} held-out prompts, this service against llama.cpp: "
-          f"{agreed['identical']} identical, a median {agreed['median_shared_prefix_tokens']} tokens shared before "
-          f"they part ({100 * agreed['share_of_tokens_before_parting']:.0f}% of this service's answer tokens)")
+    agreed = None
+    if prompts:
+        with local_server("--model-name", args.model, "--medusa-heads", args.heads, "--max-batch-size", str(slots),
+                          threads) as url:
+            agreed = agreement(url, greedy_answers(url, prompts), theirs)
+        print(f"\ngreedy answers to {agreed['prompts']} held-out prompts, this service against llama.cpp: "
+              f"{agreed['identical']} identical, a median {agreed['median_shared_prefix_tokens']} tokens shared "
+              f"before they part ({100 * agreed['share_of_tokens_before_parting']:.0f}% of this service's answer "
+              "tokens)")
     rows = [("llama.cpp llama-server", r) for r in peer] + [(f"this service, {r['mode']}", r) for r in ours]
     by_server: dict[str, dict[int, str]] = {}
     for name, r in rows:

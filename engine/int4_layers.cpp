@@ -1,9 +1,10 @@
 // The decoder layers of engine/int4.py's Int4Llama, the same ATen calls in the same order, in C++.
 //
 // Why: at batch 1 the int4 matrix multiplications of a step take ~4.6 ms and the eager Python
-// around them ~13 ms (some 6,000 operator calls, each paying Python and dispatch). Here each call
-// pays dispatch only. The kernels, their inputs and their order are Int4Layer.forward's, so the
-// results are the Python forward's, bit for bit (tests/engine/test_int4.py compares the two).
+// around them ~13 ms (some 6,000 operator calls, nested ones counted, each paying Python and
+// dispatch). Here each call pays dispatch only. The kernels, their inputs and their order are
+// Int4Layer.forward's, so the results are the Python forward's, bit for bit (tests/engine/test_int4.py
+// compares the two).
 
 #include <torch/extension.h>
 

@@ -21,6 +21,7 @@ from engine.decode import Engine
 from engine.int4 import (
     GROUP,
     KERNEL_DTYPE,
+    TREE_ATTENTION_ROWS,
     Int4Error,
     Int4Linear,
     Int4Llama,
@@ -191,30 +192,41 @@ def test_the_default_model_on_its_own_blocks(default_int4):
     assert tokenizer.decode(standard[0].tokens, skip_special_tokens=True) == "The capital of France is Paris."
 
 
-def test_the_c_layers_give_the_python_layers_bits(default_int4):
+def tree_step(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tree mask [T, T], depths [T]) for each attention branch: one token per sequence (SDPA), a
+    root with two children (matmuls), and a chain longer than TREE_ATTENTION_ROWS (SDPA again)."""
+    if kind == "tree":
+        return torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool), torch.tensor([0, 1, 1])
+    t = 1 if kind == "one token" else TREE_ATTENTION_ROWS + 6
+    return torch.tril(torch.ones(t, t, dtype=torch.bool)), torch.arange(t)
+
+
+@pytest.mark.parametrize("kind", ["one token", "tree", "long chain"])
+def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
     """int4_layers.cpp makes Int4Layer.forward's ATen calls in C++: the same logits and the same cache,
-    bit for bit, for a tree step (a root and two children) of two sequences with different cached lengths,
-    in slots 1 and 2 of three."""
+    bit for bit, for a step of two sequences with different cached lengths, in slots 1 and 2 of three,
+    through each branch of attention()."""
     model, _ = default_int4
     runner, config = model.runner, model.config
     assert runner.native is not None, "the C++ layers were not built (see the log)"
     torch.manual_seed(0)
+    tree, depths = tree_step(kind)
+    t, capacity = len(depths), len(depths) + 16
     lengths = torch.tensor([5, 9])
-    write = lengths[:, None] + torch.arange(3)
-    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).expand(2, 3, 3)
-    mask = step_mask(lengths, write, tree, 12, torch.float32)
-    ids, depths = torch.randint(0, config.vocab_size, (2, 3)), torch.tensor([0, 1, 1])
-    start = torch.randn(config.num_hidden_layers, 3, config.num_key_value_heads, 16, runner.layers[0].head_dim)
+    write = lengths[:, None] + torch.arange(t)
+    mask = step_mask(lengths, write, tree.expand(2, t, t), 9 + t, torch.float32)
+    ids = torch.randint(0, config.vocab_size, (2, t))
+    shape = (config.num_hidden_layers, 3, config.num_key_value_heads, capacity, runner.layers[0].head_dim)
+    start = torch.randn(shape)
     results = []
     for native in (runner.native, None):
-        cache = KVCache(config.num_hidden_layers, 3, config.num_key_value_heads, 16, runner.layers[0].head_dim,
-                        torch.float32, "cpu")
+        cache = KVCache(*shape, torch.float32, "cpu")
         cache.k.copy_(start), cache.v.copy_(-start)
         runner.native, saved = native, runner.native
         try:
             with torch.inference_mode():
                 logits = runner(ids, attention_mask=mask, position_ids=lengths[:, None] + depths,
-                                cache=cache.writer(slice(1, 3), write, 12)).logits
+                                cache=cache.writer(slice(1, 3), write, 9 + t)).logits
         finally:
             runner.native = saved
         results.append((logits, cache.k, cache.v))
