@@ -9,6 +9,7 @@ median ms of one forward by cached length L, batch B and tokens per sequence T.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,9 +25,8 @@ SHAPES = ((100, 1, 1), (100, 1, 3), (400, 1, 1), (100, 8, 1))  # (L, B, T)
 @torch.inference_mode()
 def compare(model, shapes=SHAPES, reps: int = 20, inner: int = 5) -> list[dict]:
     """Per shape: median ms of a forward with the C++ layers and with the Python layers."""
-    runner, config = model.runner, model.config
-    native, rows = runner.native, []
-    if native is None:
+    runner, config, rows = model.runner, model.config, []
+    if runner.native is None:
         raise SystemExit("the C++ layers were not built (see the log)")
     head_dim = runner.layers[0].head_dim
     for length, batch, tokens in shapes:
@@ -37,17 +37,14 @@ def compare(model, shapes=SHAPES, reps: int = 20, inner: int = 5) -> list[dict]:
         cache = KVCache(config.num_hidden_layers, batch, config.num_key_value_heads, length + tokens, head_dim,
                         torch.float32, "cpu")
         times = {"C++": [], "Python": []}
-        try:
-            for _ in range(reps):
-                for name, layers in (("C++", native), ("Python", None)):
-                    runner.native = layers
+        for _ in range(reps):
+            for name, layers in (("C++", contextlib.nullcontext), ("Python", runner.python_layers)):
+                with layers():
                     for _ in range(inner):
                         start = time.perf_counter()
                         runner(ids, attention_mask=mask, position_ids=positions,
                                cache=cache.writer(slice(0, batch), positions, length + tokens))
                         times[name].append(time.perf_counter() - start)
-        finally:
-            runner.native = native
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         rows.append({"L": length, "B": batch, "T": tokens, **ms, "ratio": ms["Python"] / ms["C++"]})
     return rows

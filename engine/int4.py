@@ -23,6 +23,7 @@ is found they run in Python, and the log says so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterable
@@ -329,17 +330,26 @@ def native_layers(layers: list[Int4Layer]):
 class Int4Llama(nn.Module):
     """A drop-in for the HF Llama forward the engine calls (MedusaModel.runner), over int4 weights;
     the embedding, norms and rotary frequencies are the HF model's own, in its float dtype. `native`:
-    the layers in C++ when it can be built (the engine's forwards; a forward without a cache runs
+    the layers in C++ when they can be built (the engine's forwards; a forward without a cache runs
     the Python layers)."""
 
-    def __init__(self, hf_model, weights: dict[str, list[Blocks]], native: bool = True):
+    def __init__(self, hf_model, weights: dict[str, list[Blocks]]):
         super().__init__()
         inner = hf_model.model
         self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.layers = nn.ModuleList(Int4Layer(layer, weights, f"model.layers.{i}", hf_model.config)
                                     for i, layer in enumerate(inner.layers))
         self.lm_head = Int4Linear(weights[LM_HEAD])
-        self.native = native_layers(list(self.layers)) if native else None
+        self.native = native_layers(list(self.layers))
+
+    @contextlib.contextmanager
+    def python_layers(self):
+        """Within the block, every forward runs the Python layers (to compare them with the C++ ones)."""
+        native, self.native = self.native, None
+        try:
+            yield
+        finally:
+            self.native = native
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0, **_
                 ) -> SimpleNamespace:

@@ -42,12 +42,10 @@ class Served:
 def load_served(settings: Settings) -> Served:
     """The model, heads, tree and engine the settings describe."""
     dtype = getattr(torch, settings.resolved_dtype())
-    if settings.resolved_device() == "cpu":
-        torch.set_num_threads(settings.resolved_cpu_threads())
     model, tokenizer = load_medusa_model(settings.model_name, settings.heads(), device=settings.resolved_device(),
                                          dtype=dtype, deepspeed=settings.deepspeed, tp_size=settings.resolved_tp_size(),
                                          revision=settings.revision, quantize=settings.quantize)
-    if settings.resolved_device() == "cpu":  # the rule depends on the weights served
+    if settings.resolved_device() == "cpu":  # after loading: the rule depends on the weights served
         torch.set_num_threads(settings.resolved_cpu_threads(isinstance(model.runner, Int4Llama)))
     tree = choose_tree(settings, model.num_heads)
     engine = Engine(model, tokenizer, tree=tree, max_batch_size=settings.max_batch_size, max_context=settings.max_context,

@@ -6,6 +6,7 @@ seeded sampling equal too."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -219,16 +220,12 @@ def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
     shape = (config.num_hidden_layers, 3, config.num_key_value_heads, capacity, runner.layers[0].head_dim)
     start = torch.randn(shape)
     results = []
-    for native in (runner.native, None):
+    for layers in (contextlib.nullcontext, runner.python_layers):
         cache = KVCache(*shape, torch.float32, "cpu")
         cache.k.copy_(start), cache.v.copy_(-start)
-        runner.native, saved = native, runner.native
-        try:
-            with torch.inference_mode():
-                logits = runner(ids, attention_mask=mask, position_ids=lengths[:, None] + depths,
-                                cache=cache.writer(slice(1, 3), write, 9 + t)).logits
-        finally:
-            runner.native = saved
+        with layers(), torch.inference_mode():
+            logits = runner(ids, attention_mask=mask, position_ids=lengths[:, None] + depths,
+                            cache=cache.writer(slice(1, 3), write, 9 + t)).logits
         results.append((logits, cache.k, cache.v))
     for a, b in zip(*results):
         assert torch.equal(a, b)
