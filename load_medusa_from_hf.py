@@ -43,6 +43,8 @@ TREE_FILE = "medusa_choices.json"  # optional: the tree these heads were tuned w
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 TOKEN_MAP = "token_map"
+ROOT = "root"  # [K, H, H]: heads that read the root token (this project's extension; config "reads_root_token")
+EXTRA = (TOKEN_MAP, ROOT)
 
 
 class HeadsError(ValueError):
@@ -167,7 +169,7 @@ def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
         raise HeadsError(f"{folder}: no {CONFIG_FILE}")
     config = json.loads(config_file.read_text())
     file, state = read_weights(folder)
-    bad = sorted(k for k in state if not KEY.match(k) and k != TOKEN_MAP)
+    bad = sorted(k for k in state if not KEY.match(k) and k not in EXTRA)
     if bad:
         raise HeadsError(f"{file}: unexpected keys {bad[:5]}")
     token_map = state.get(TOKEN_MAP)
@@ -175,7 +177,11 @@ def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
     if (token_map is None) != (truncated is None) or (token_map is not None and len(token_map) != int(truncated)):
         raise HeadsError(f"{file}: config says truncated_vocab_size {truncated}, the file holds "
                          f"{'no token_map' if token_map is None else f'a token_map of {len(token_map)}'}")
-    parsed = [KEY.match(k).groups() for k in state if k != TOKEN_MAP]
+    reads_root = bool(config.get("reads_root_token", False))
+    if reads_root != (ROOT in state):
+        raise HeadsError(f"{file}: config says reads_root_token {reads_root}, the file holds "
+                         f"{'a' if ROOT in state else 'no'} root projection")
+    parsed = [KEY.match(k).groups() for k in state if k not in EXTRA]
     heads = sorted({int(i) for i, _, _ in parsed})
     if not heads or heads != list(range(len(heads))):
         raise HeadsError(f"{file}: heads numbered {heads}, expected 0..K-1")
@@ -196,7 +202,7 @@ def inspect_heads(folder: Path) -> tuple[HeadsInfo, dict[str, torch.Tensor]]:
     info = HeadsInfo(
         folder=folder,
         weights=file,
-        config=HeadsConfig(len(heads), layers, shares, None if truncated is None else int(truncated)),
+        config=HeadsConfig(len(heads), layers, shares, None if truncated is None else int(truncated), reads_root),
         hidden_size=first.shape[-1],
         vocab_size=None if lm is None else lm.shape[0],
         dtype=first.dtype,
@@ -246,6 +252,8 @@ def save_medusa_heads(heads: MedusaHeads, folder: Path, base_model: str, safeten
         config["version"] = "2"
     if heads.config.truncated_vocab_size:
         config["truncated_vocab_size"] = heads.config.truncated_vocab_size
+    if heads.config.reads_root_token:
+        config["reads_root_token"] = True
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     if safetensors:

@@ -5,6 +5,13 @@ token t+2+k; the base lm_head predicts t+1. A head is L residual blocks `x + SiL
 with its own weights, then its own `Linear(hidden, vocab)` initialised from the base lm_head, or,
 in the "version 2" layout, the base lm_head itself.
 
+Heads may also read the root token (`reads_root_token`): the token t+1 that the base model's own
+logits chose at t, which is known before the heads run (it is the root of the step's tree). Head k
+then reads h_t + R_k e(t+1), with e the base model's input embedding and R_k [H, H] its own (zero
+at first: the plain Medusa head). Knowing t+1 is most of what a head predicting t+2 lacks; it is
+the idea of EAGLE's "feature and shifted token" and of Hydra's sequential heads, kept to the one
+token that every node of the tree shares, so all heads still run in one pass.
+
 Heads may draft over a truncated vocabulary (vLLM's `truncated_vocab_size` and `token_map`): their
 projection then has a row per token of `token_map` only (the most frequent tokens), which costs a
 fraction of the full one; proposals are mapped back to token ids. Verification still uses the base
@@ -39,11 +46,13 @@ class HeadsConfig:
     num_layers: int = 1
     shares_lm_head: bool = False  # "version 2": heads reuse the base lm_head
     truncated_vocab_size: int | None = None  # heads draft over this many tokens (token_map) only
+    reads_root_token: bool = False  # heads read h_t + R_k e(root token t+1): `root` [K, H, H]
 
 
 class MedusaHeads(nn.ModuleList):
     """K heads; state-dict keys `{i}.{j}.linear.*`, with own lm_heads `{i}.{L}.weight`, and with a
-    truncated vocabulary `token_map` [V'] (the token id of each row of the heads' projection)."""
+    truncated vocabulary `token_map` [V'] (the token id of each row of the heads' projection), and
+    reading the root token `root` [K, H, H]."""
 
     def __init__(self, config: HeadsConfig, hidden_size: int, vocab_size: int):
         rows = config.truncated_vocab_size or vocab_size
@@ -60,6 +69,8 @@ class MedusaHeads(nn.ModuleList):
             self.register_buffer("token_map", torch.arange(rows))
         else:
             self.token_map = None
+        if config.reads_root_token:  # a parameter, not a module: the ModuleList holds the heads only
+            self.root = nn.Parameter(torch.zeros(config.num_heads, hidden_size, hidden_size))
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its kept rows)
 
     def init_lm_heads(self, lm_head: nn.Linear, token_map: torch.Tensor | None = None) -> None:
@@ -81,12 +92,20 @@ class MedusaHeads(nn.ModuleList):
             self._projection = (weight, weight.detach()[self.token_map])
         return self._projection[1]
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
-        """hidden [..., H] -> head logits [..., K, V'] over the heads' vocabulary (V' = V untruncated).
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None, root: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """hidden [..., H] -> head logits [..., K, V'] over the heads' vocabulary (V' = V untruncated);
+        heads reading the root token also take its embedding `root` [..., H].
         The whole vocabulary goes through the lm_head module itself (tensor parallel: DeepSpeed's,
         which gathers its shards); a truncated one through the kept rows of its weight. Without an
         lm_head, shared heads return their drafts [..., K, H], before the projection."""
-        drafts = torch.stack([head(hidden) for head in self], dim=-2)
+        if self.config.reads_root_token:
+            if root is None:
+                raise ValueError("these heads read the root token: pass its embedding")
+            read = torch.einsum("...i,koi->...ko", root, self.root)  # [..., K, H]: R_k e(t+1)
+            drafts = torch.stack([head(hidden + read[..., k, :]) for k, head in enumerate(self)], dim=-2)
+        else:
+            drafts = torch.stack([head(hidden) for head in self], dim=-2)
         if not self.config.shares_lm_head or lm_head is None:
             return drafts
         if self.token_map is None:
@@ -164,16 +183,20 @@ class MedusaModel:
         )
         return out.logits, out.hidden_states[-1]
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> [..., K, V']: head k's logits for the token k+2 ahead, over the heads'
-        vocabulary (rows of it: see MedusaHeads.token_ids)."""
+    def head_logits(self, hidden: torch.Tensor, roots: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] at t, roots [...] (token t+1, for heads that read it) -> [..., K, V']: head
+        k's logits for the token k+2 ahead, over the heads' vocabulary (rows of it: see
+        MedusaHeads.token_ids)."""
+        root = None
+        if self.heads.config.reads_root_token:
+            root = self.model.get_input_embeddings()(roots).to(hidden.dtype)
         if self.head_projection is not None:
-            return self.head_projection(self.heads(hidden, None))
-        return self.heads(hidden, self.lm_head)
+            return self.head_projection(self.heads(hidden, None, root))
+        return self.heads(hidden, self.lm_head, root)
 
-    def head_topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """hidden [..., H] -> [..., K, k]: the token ids each head ranks first to k-th."""
-        return self.heads.token_ids(self.head_logits(hidden).topk(k, dim=-1).indices)
+    def head_topk(self, hidden: torch.Tensor, k: int, roots: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H], roots [...] -> [..., K, k]: the token ids each head ranks first to k-th."""
+        return self.heads.token_ids(self.head_logits(hidden, roots).topk(k, dim=-1).indices)
 
 
 KERNEL_INJECT_REFUSED = (

@@ -44,7 +44,7 @@ def joint_ranks(model, rows: list[list[int]], starts: list[int]) -> list[torch.T
         ids = torch.tensor([row], device=model.device)
         _, hidden = model.forward(ids, logits_to_keep=1)
         t = torch.arange(start, len(row) - 1 - K, device=ids.device)
-        logits = model.head_logits(hidden[0, t])  # [P, K, V']
+        logits = model.head_logits(hidden[0, t], ids[0, t + 1])  # [P, K, V']; the root token t+1
         target = model.heads.rows_of(torch.stack([ids[0, t + 2 + k] for k in range(K)], dim=1))  # [P, K]
         target_logit = logits.gather(-1, target.clamp(min=0)[..., None])  # [P, K, 1]
         rank = (logits > target_logit).sum(-1).clamp(max=MAX_RANK)

@@ -217,7 +217,7 @@ class Engine:
         roots = batch.next_tokens[rows, None]
         if trees.num_nodes == 1:
             return roots
-        proposals = self.model.head_topk(batch.hidden[rows], self.tree.topk)  # [B, K, topk] token ids
+        proposals = self.model.head_topk(batch.hidden[rows], self.tree.topk, roots[:, 0])  # [B, K, topk] token ids
         flat = trees.heads * proposals.shape[-1] + trees.ranks
         nodes = proposals.flatten(1).gather(1, flat)
         return torch.cat([roots, nodes[:, 1:]], dim=1)

@@ -93,13 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--self-prompts", type=int, default=0, help="questions the model writes for itself first")
     parser.add_argument("--limit", type=int, help="only the first N prompts (a smoke run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int4", "none"],
+                        help="the weights answered with (auto: what the service serves, the GGUF's int4 on the CPU)")
     parser.add_argument("--summary", type=Path, help="write what the model card says of the data here (JSON)")
     parser.add_argument("--seconds", type=float, default=0.0, help="with --summary: generation seconds of earlier "
                         "runs of this file, added to this run's")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_medusa_model(args.model, deepspeed=False)
+    model, tokenizer = load_medusa_model(args.model, deepspeed=False, quantize=args.quantize)
     engine = Engine(model, tokenizer, tree=ROOT, max_batch_size=args.batch, max_context=2048)
     prompts = chat_prompts()
     if args.self_prompts:
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     done = set()
     if args.out.exists():
         done = {json.loads(line)["text"] for line in args.out.read_text().splitlines() if line.strip()}
-    todo = [p for p in prompts if p.text not in done]
+    # in an order mixed by hash, so that a run stopped early has every kind of prompt
+    todo = sorted((p for p in prompts if p.text not in done), key=lambda p: hashlib.sha256(p.text.encode()).digest())
     start, tokens = time.perf_counter(), 0
     with args.out.open("a") as f, tqdm(total=len(todo), desc="answers", mininterval=30) as bar:
         for i in range(0, len(todo), args.chunk):

@@ -40,6 +40,12 @@ def head_targets(input_ids: torch.Tensor, num_heads: int, valid: torch.Tensor | 
     return targets
 
 
+def root_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> [B, T]: the token t+1 at each t (what heads reading the root token take;
+    0 at the last position, which has no head targets)."""
+    return torch.cat([input_ids[:, 1:], input_ids.new_zeros(input_ids.shape[0], 1)], dim=1)
+
+
 def medusa_loss(head_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """head_logits [..., K, V'], targets [..., K] (rows of the heads' vocabulary, IGNORE: none) ->
     (sum over heads of 0.8^k CE, each head's CE)."""
@@ -101,13 +107,14 @@ class MedusaTrainer:
 
     def step(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> list[float]:
         """One optimiser step on sequences [B, T], scoring the `valid` [B, T] positions (default: all)."""
-        return self.fit(self.hidden(input_ids), head_targets(input_ids, self.model.num_heads, valid))
+        return self.fit(self.hidden(input_ids), head_targets(input_ids, self.model.num_heads, valid),
+                        root_tokens(input_ids))
 
-    def fit(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
-        """One optimiser step from hidden states [..., H] and their targets [..., K] (token ids,
-        IGNORE: none). Returns each head's CE."""
+    def fit(self, hidden: torch.Tensor, targets: torch.Tensor, roots: torch.Tensor | None = None) -> list[float]:
+        """One optimiser step from hidden states [..., H], their targets [..., K] (token ids, IGNORE:
+        none) and their root tokens [...] (token t+1). Returns each head's CE."""
         self.model.heads.train()
-        loss, per_head = medusa_loss(self.model.head_logits(hidden), self.rows(targets))
+        loss, per_head = medusa_loss(self.model.head_logits(hidden, roots), self.rows(targets))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -125,25 +132,28 @@ class MedusaTrainer:
     def accuracy(self, input_ids: torch.Tensor, k: int = 1, valid: torch.Tensor | None = None) -> list[float]:
         """Each head's top-k accuracy at predicting token t+2+head on `input_ids` [B, T], over the
         positions where both t and t+2+head are `valid` [B, T] (default: all)."""
-        return self.position_accuracy(self.hidden(input_ids), head_targets(input_ids, self.model.num_heads, valid), k)
+        return self.position_accuracy(self.hidden(input_ids), head_targets(input_ids, self.model.num_heads, valid), k,
+                                      root_tokens(input_ids))
 
     @torch.no_grad()
-    def position_accuracy(self, hidden: torch.Tensor, targets: torch.Tensor, k: int = 1) -> list[float]:
-        """Each head's top-k accuracy over hidden states [..., H] and targets [..., K] (IGNORE: skipped)."""
-        top = self.model.head_topk(hidden, k)  # [..., K, k] token ids
+    def position_accuracy(self, hidden: torch.Tensor, targets: torch.Tensor, k: int = 1,
+                          roots: torch.Tensor | None = None) -> list[float]:
+        """Each head's top-k accuracy over hidden states [..., H], targets [..., K] (IGNORE: skipped)
+        and root tokens [...]."""
+        top = self.model.head_topk(hidden, k, roots)  # [..., K, k] token ids
         hit = (top == targets[..., None]).any(-1)  # [..., K]
         scored = targets != IGNORE
         return [hit[..., h][scored[..., h]].float().mean().item() for h in range(targets.shape[-1])]
 
 
 def positions(trainer: MedusaTrainer, rows: list[list[int]], starts: list[int], batch: int = 16
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training positions of token sequences: row i is scored from position starts[i] on (where
-    its continuation begins). Returns (hidden [N, H], targets [N, K] token ids): the base model runs
-    once over the rows, right-padded in batches of similar lengths."""
+    its continuation begins). Returns (hidden [N, H], targets [N, K] token ids, root tokens [N]): the
+    base model runs once over the rows, right-padded in batches of similar lengths."""
     K, device = trainer.model.num_heads, trainer.model.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    hidden, targets = [], []
+    hidden, targets, roots = [], [], []
     for i in range(0, len(order), batch):
         chunk = [rows[j] for j in order[i : i + batch]]
         width = max(map(len, chunk))
@@ -157,18 +167,19 @@ def positions(trainer: MedusaTrainer, rows: list[list[int]], starts: list[int], 
         keep = valid & (t[..., 0] != IGNORE)  # positions with at least head 0's target
         hidden.append(h[keep].float().cpu())
         targets.append(t[keep].cpu())
-    return torch.cat(hidden), torch.cat(targets)
+        roots.append(root_tokens(ids)[keep].cpu())
+    return torch.cat(hidden), torch.cat(targets), torch.cat(roots)
 
 
-def fit_positions(trainer: MedusaTrainer, hidden: torch.Tensor, targets: torch.Tensor, steps: int, batch: int,
-                  seed: int) -> list[list[float]]:
+def fit_positions(trainer: MedusaTrainer, hidden: torch.Tensor, targets: torch.Tensor, roots: torch.Tensor,
+                  steps: int, batch: int, seed: int) -> list[list[float]]:
     """`steps` optimiser steps on random batches of positions; each step's per-head CE."""
     g = torch.Generator().manual_seed(seed)
     device, dtype = trainer.model.device, trainer.model.dtype
     losses, bar = [], tqdm(range(steps), desc="heads", mininterval=30)
     for _ in bar:
         pick = torch.randint(0, len(hidden), (batch,), generator=g)
-        losses.append(trainer.fit(hidden[pick].to(device, dtype), targets[pick].to(device)))
+        losses.append(trainer.fit(hidden[pick].to(device, dtype), targets[pick].to(device), roots[pick].to(device)))
         bar.set_postfix(ce=" ".join(f"{c:.2f}" for c in losses[-1]), refresh=False)
     return losses
 
@@ -235,7 +246,8 @@ def distilled(file: Path, held_out: bool) -> tuple[list[list[int]], list[int]]:
     return [r["prompt_ids"] + r["answer_ids"] for r in rows], [len(r["prompt_ids"]) - 1 for r in rows]
 
 
-def evaluate(trainer: MedusaTrainer, hidden: torch.Tensor, targets: torch.Tensor, batch: int = 4096) -> dict:
+def evaluate(trainer: MedusaTrainer, hidden: torch.Tensor, targets: torch.Tensor, roots: torch.Tensor,
+             batch: int = 4096) -> dict:
     """Each head's top-1 and top-5 accuracy over held-out positions."""
     out = {}
     for k in (1, 5):
@@ -243,8 +255,9 @@ def evaluate(trainer: MedusaTrainer, hidden: torch.Tensor, targets: torch.Tensor
         for i in range(0, len(hidden), batch):
             h = hidden[i : i + batch].to(trainer.model.device, trainer.model.dtype)
             t = targets[i : i + batch].to(trainer.model.device)
+            r = roots[i : i + batch].to(trainer.model.device)
             scored = (t != IGNORE).sum(0).tolist()
-            hits = [a + acc * n for a, acc, n in zip(hits, trainer.position_accuracy(h, t, k), scored)]
+            hits = [a + acc * n for a, acc, n in zip(hits, trainer.position_accuracy(h, t, k, r), scored)]
         out[f"top{k}"] = [round(a / n, 4) for a, n in zip(hits, (targets != IGNORE).sum(0).tolist())]
     return out
 
@@ -263,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=1, help="residual blocks per head")
     parser.add_argument("--shared-lm-head", action="store_true", help='"version 2": heads reuse the base lm_head')
     parser.add_argument("--truncated-vocab", type=int, help="heads draft over the N most frequent target tokens")
+    parser.add_argument("--root-token", action="store_true", help="heads also read the root token (t+1)")
+    parser.add_argument("--quantize", default="none", choices=["auto", "gguf", "int4", "none"],
+                        help="the base weights whose hidden states the heads learn (as QUANTIZE)")
     parser.add_argument("--self-distill", action="store_true", help="train on the base model's greedy continuations")
     parser.add_argument("--sequences", type=int, default=2048, help="training sequences")
     parser.add_argument("--eval-sequences", type=int, default=128)
@@ -285,33 +301,33 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model, tokenizer = load_medusa_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                                         deepspeed=False)
+                                         deepspeed=False, quantize=args.quantize)
     cfg = model.config
-    config = HeadsConfig(args.heads, args.layers, args.shared_lm_head, args.truncated_vocab)
+    config = HeadsConfig(args.heads, args.layers, args.shared_lm_head, args.truncated_vocab, args.root_token)
     model.heads = MedusaHeads(config, cfg.hidden_size, cfg.vocab_size).to(args.device, model.dtype)
     trainer = MedusaTrainer(model, total_steps=args.steps, lr=args.lr, warmup_steps=args.warmup)
     if args.positions_cache and args.positions_cache.exists():  # the base is frozen: its hidden states keep
-        hidden, targets, test_hidden, test_targets = torch.load(args.positions_cache)
+        (hidden, targets, roots), held = torch.load(args.positions_cache)
     else:
         train_rows, held_rows = rows_of(args, model, tokenizer)
-        hidden, targets = positions(trainer, *train_rows)
-        test_hidden, test_targets = positions(trainer, *held_rows)
+        hidden, targets, roots = positions(trainer, *train_rows)
+        held = positions(trainer, *held_rows)
         if args.positions_cache:
             args.positions_cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save((hidden, targets, test_hidden, test_targets), args.positions_cache)
+            torch.save(((hidden, targets, roots), held), args.positions_cache)
     token_map = None
     if args.truncated_vocab:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         token_map = frequent_tokens(targets, args.truncated_vocab, eos)
     model.heads.init_lm_heads(model.lm_head, token_map)
-    losses = fit_positions(trainer, hidden, targets, args.steps, args.batch, args.seed)
+    losses = fit_positions(trainer, hidden, targets, roots, args.steps, args.batch, args.seed)
     report = {
         "base_model": args.model,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "positions": {"train": len(hidden), "held_out": len(test_hidden)},
+        "positions": {"train": len(hidden), "held_out": len(held[0])},
         "first_loss": losses[0],
         "last_loss": [round(sum(col) / len(col), 4) for col in zip(*losses[-20:])],
-        "held_out": evaluate(trainer, test_hidden, test_targets),
+        "held_out": evaluate(trainer, *held),
         "seconds": round(time.perf_counter() - start),
         "hardware": f"{args.device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
     }

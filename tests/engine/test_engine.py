@@ -200,12 +200,15 @@ def test_request_that_does_not_fit_is_refused(toy, prompts):
         engine.admit(engine.new_batch(), [Request("x", prompts[0], max_new_tokens=engine.max_context)])
 
 
-def test_parity_with_version_2_heads(toy, prompts, hf_greedy):
-    """Heads that reuse the base lm_head ("version 2" layout) go through the same step."""
+@pytest.mark.parametrize("reads_root", [False, True], ids=["plain", "reading-the-root-token"])
+def test_parity_with_version_2_heads(toy, prompts, hf_greedy, reads_root):
+    """Heads that reuse the base lm_head ("version 2" layout), and heads that read the root token,
+    go through the same step."""
     model, tokenizer = toy
     cfg = model.config
     torch.manual_seed(0)
-    heads = MedusaHeads(HeadsConfig(4, 1, shares_lm_head=True), cfg.hidden_size, cfg.vocab_size)
+    config = HeadsConfig(4, 1, shares_lm_head=True, reads_root_token=reads_root)
+    heads = MedusaHeads(config, cfg.hidden_size, cfg.vocab_size)
     for block in heads.parameters():
         block.data.normal_(std=0.05)
     engine = Engine(MedusaModel(model.model, heads.eval()), tokenizer, tree=preset("tree15"), max_batch_size=3)

@@ -214,3 +214,39 @@ def test_served_model_loads_from_folders(tmp_path, toy, prompts):
     first = Engine(model, tokenizer, tree=preset("tree15")).generate(reqs)
     assert [s.tokens for s in again] == [s.tokens for s in first]
     assert [s.decode_steps for s in again] == [s.decode_steps for s in first]
+
+
+def test_heads_that_read_the_root_token_round_trip_and_start_as_plain_heads(tmp_path):
+    """`root` [K, H, H] in the weights, `reads_root_token` in the config; at zero (as trained heads
+    start) they give the plain heads' logits, and with weights they depend on the root token."""
+    torch.manual_seed(0)
+    plain = MedusaHeads(HeadsConfig(2, 1, True), H, V)
+    for p in plain.parameters():
+        p.data.normal_()
+    heads = MedusaHeads(HeadsConfig(2, 1, True, reads_root_token=True), H, V)
+    heads.load_state_dict(plain.state_dict(), strict=False)
+    lm_head, x, root = torch.nn.Linear(H, V, bias=False), torch.randn(3, H), torch.randn(3, H)
+    torch.testing.assert_close(heads(x, lm_head, root), plain(x, lm_head))
+    with pytest.raises(ValueError, match="read the root token"):
+        heads(x, lm_head)
+    heads.root.data.normal_()
+    save_medusa_heads(heads, tmp_path, base_model="base")
+    assert json.loads((tmp_path / "config.json").read_text())["reads_root_token"] is True
+    loaded = load_medusa_heads(str(tmp_path), H, V)
+    assert loaded.config == heads.config and torch.equal(loaded.root, heads.root)
+    torch.testing.assert_close(loaded(x, lm_head, root), heads(x, lm_head, root))
+    assert not torch.allclose(loaded(x, lm_head, root), loaded(x, lm_head, root.flip(0)))
+
+
+@pytest.mark.parametrize("case", ["config without weights", "weights without config"])
+def test_a_root_projection_that_the_config_does_not_match_is_refused(tmp_path, case):
+    heads = MedusaHeads(HeadsConfig(2, 1, True, reads_root_token=True), H, V)
+    save_medusa_heads(heads, tmp_path, base_model="base")
+    config, state = json.loads((tmp_path / "config.json").read_text()), dict(heads.state_dict())
+    if case == "config without weights":
+        del state["root"]
+    else:
+        del config["reads_root_token"]
+    write(tmp_path, state, config)
+    with pytest.raises(HeadsError, match="reads_root_token"):
+        load_medusa_heads(str(tmp_path), H, V)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from load_medusa_from_hf import load_medusa_model
@@ -45,10 +46,11 @@ def test_padding_is_not_scored():
     assert loss.item() < 1e-6
 
 
-def test_trainer_lowers_the_loss_and_reports_accuracy(toy, prompts):
+@pytest.mark.parametrize("reads_root", [False, True], ids=["plain", "reading-the-root-token"])
+def test_trainer_lowers_the_loss_and_reports_accuracy(toy, prompts, reads_root):
     model, _ = toy
     cfg = model.config
-    fresh = MedusaHeads(HeadsConfig(2), cfg.hidden_size, cfg.vocab_size)
+    fresh = MedusaHeads(HeadsConfig(2, reads_root_token=reads_root), cfg.hidden_size, cfg.vocab_size)
     fresh.init_lm_heads(model.lm_head)
     student = MedusaModel(model.model, fresh)
     data = torch.tensor([s[:40] for s in greedy_continuations(model.model, [p[:3] for p in prompts], 37)])
@@ -60,6 +62,8 @@ def test_trainer_lowers_the_loss_and_reports_accuracy(toy, prompts):
     top1, top5 = trainer.accuracy(data, k=1), trainer.accuracy(data, k=5)
     assert len(top1) == 2 and all(0.5 < a <= b <= 1 for a, b in zip(top1, top5))
     assert not any(p.requires_grad for p in model.model.parameters())  # the base stays frozen
+    if reads_root:  # the root projection learned something (it starts at zero)
+        assert fresh.root.abs().sum() > 0
 
 
 def test_command_line_trains_heads_the_loader_reads(toy, tmp_path):
@@ -119,11 +123,14 @@ def test_command_line_trains_on_distilled_chat_answers(toy, tmp_path):
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["--model", str(tmp_path / "base"), "--out", str(tmp_path / "heads"), "--distilled",
             str(tmp_path / "answers.jsonl"), "--heads", "2", "--shared-lm-head", "--truncated-vocab", "32",
-            "--steps", "20", "--batch", "64", "--lr", "1e-2", "--warmup", "0", "--device", "cpu"]
+            "--steps", "20", "--batch", "64", "--lr", "1e-2", "--warmup", "0", "--device", "cpu", "--root-token",
+            "--positions-cache", str(tmp_path / "positions.pt")]
     main(argv)
+    main(argv)  # the second run reads the hidden states, targets and root tokens back from the cache
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     per_row = 32 - 2 - 2  # from the prompt's last token (2) to the last with a target for head 0
     assert report["positions"] == {"train": 9 * per_row, "held_out": 3 * per_row}
     assert 0 < report["truncated_vocab_coverage"] <= 1
     served, _ = load_medusa_model(str(tmp_path / "base"), str(tmp_path / "heads"), deepspeed=False)
     assert served.heads.config.truncated_vocab_size == 32 and len(served.heads.token_map) == 32
+    assert served.heads.config.reads_root_token and served.heads.root.abs().sum() > 0
