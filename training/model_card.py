@@ -8,6 +8,7 @@ trained here) or medusa/data.json (a chat model's distillation data, from traini
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -135,23 +136,82 @@ on a GPU with the same scripts.
 """
 
 
+def results_table(columns: list[tuple[str, dict]]) -> str:
+    """eval_model's figures, a column per (label, eval.json)."""
+    def row(label: str, cell) -> str:
+        return f"| {label} | " + " | ".join(cell(ev) for _, ev in columns) + " |"
+
+    return "\n".join([
+        "| | " + " | ".join(label for label, _ in columns) + " |", "|---|" + "---|" * len(columns),
+        row("accepted tokens per step (the tuned tree)",
+            lambda ev: f"{ev['accepted_tokens_per_step']:.2f} ({ev['tree']['nodes']} nodes)"),
+        row("tokens/s: HF `generate()` / standard / speculative",
+            lambda ev: " / ".join(str(ev["tokens_per_s"][m]) for m in ("hf", "standard", "speculative"))),
+        row("speculative / standard; standard / HF `generate()`",
+            lambda ev: f"{ev['speculative_vs_standard']:.2f}x; {ev['standard_vs_hf']:.2f}x"),
+        row("outputs identical (speculative = standard; standard = HF)",
+            lambda ev: f"{ev['speculative_equals_standard']}; {ev['standard_equals_hf']}"),
+    ])
+
+
+def comparison_section(heads_dir: Path) -> str:
+    """bench/compare_heads.py's table (medusa/heads_comparison.json), where it was run."""
+    file = heads_dir / "heads_comparison.json"
+    if not file.exists():
+        return ""
+    report = json.loads(file.read_text())
+    sizes = list(report["heads"][0]["tokens_per_step"])
+    head = "| heads | top-1 by head | " + " | ".join(f"{n} nodes" for n in sizes) + " |"
+    rows = [f"| {h['label']} | {' / '.join(f'{a:.3f}' for a in h['top1'])} | "
+            + " | ".join(f"{h['tokens_per_step'][n]:.2f}" for n in sizes) + " |" for h in report["heads"]]
+    return f"""
+## Heads compared (`python -m bench.compare_heads`)
+
+{report['setup']}. Expected tokens per step of the tree grown for each heads (as bench/tune_tree.py
+grows it), by its number of nodes besides the root:
+
+{head}
+|---|---|{"---|" * len(sizes)}
+{chr(10).join(rows)}
+"""
+
+
+def peer_agreement() -> str:
+    """The greedy answers' agreement with llama.cpp's on the same file (docs/peer_llama_cpp.json), where measured."""
+    file = Path(__file__).resolve().parent.parent / "docs" / "peer_llama_cpp.json"
+    agreed = json.loads(file.read_text()).get("agreement") if file.exists() else None
+    if not agreed:
+        return ""
+    return f"""
+Against llama.cpp's `llama-server` on the same file (`python -m bench.peer_llama_cpp --no-benchmark
+--agreement {agreed['prompts']}`: the first {agreed['prompts']} prompts of `benchmark_prompts.json`, greedy, 128 tokens at most,
+compared in this tokenizer's tokens): {agreed['identical']} of {agreed['prompts']} identical, a median \
+{agreed['median_shared_prefix_tokens']} tokens shared before they part ({100 * agreed['share_of_tokens_before_parting']:.0f}% \
+of the answer tokens); llama.cpp quantises the activations to 8 bits for its dot products.
+"""
+
+
 def chat_card(folder: Path) -> str:
     """The card of a pretrained chat model served from a GGUF file, with the heads this project trained."""
     heads_dir = folder / "medusa"
     heads = json.loads((heads_dir / "training.json").read_text())
     tuning = json.loads((heads_dir / "tree_tuning.json").read_text())
     ev = json.loads((heads_dir / "eval.json").read_text())
-    float_tuning = json.loads((heads_dir / "tree_tuning_float32.json").read_text())
-    float_ev = json.loads((heads_dir / "eval_float32.json").read_text())
+    floats = heads_dir / "tree_tuning_float32.json", heads_dir / "eval_float32.json"
+    has_float = all(f.exists() for f in floats)  # the same heads measured with fp32 weights too
+    float_tuning, float_ev = (json.loads(f.read_text()) for f in floats) if has_float else ({"sizes": []}, None)
     tree = json.loads((heads_dir / "medusa_choices.json").read_text())
     data = json.loads((heads_dir / "data.json").read_text())
     args = heads["args"]
     top1, top5 = heads["held_out"]["top1"], heads["held_out"]["top5"]
     size = (heads_dir / "medusa_lm_head.safetensors").stat().st_size / 2**20
-    rows = "\n".join(f"| {r['nodes']} | {r['tokens_per_step']:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-                     f"{f['step_ms']:.1f} | {f['tokens_per_s']:.1f} |" for r, f in zip(tuning["sizes"], float_tuning["sizes"]))
+    rows = "\n".join(f"| {r['nodes']} | {r['tokens_per_step']:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.1f} |"
+                     + (f" {f['step_ms']:.1f} | {f['tokens_per_s']:.1f} |" if f else "")
+                     for r, f in itertools.zip_longest(tuning["sizes"], float_tuning["sizes"]))
     agree = ev["agreement_with_float"]
     kinds = ", ".join(f"{k} {n}" for k, n in data["prompts_by_kind"].items())
+    reads = ("reading the root token (head k reads h_t + R_k e(t+1), `reads_root_token`: README, Medusa heads on "
+             "disk), " if args.get("root_token") else "")
     return f"""# SmolLM2-135M-Instruct with Medusa heads
 
 The service's default model: [SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)
@@ -171,7 +231,7 @@ dequantised to fp32 by transformers. Figures for both are below.
 | parameters | 134.5 M (538 MB in fp32) |
 | context | 8,192 tokens (the service caps it at `MAX_CONTEXT`, 2,048 by default) |
 | chat template | ChatML, from the GGUF's tokenizer (default system prompt "You are a helpful AI assistant named SmolLM, trained by Hugging Face") |
-| heads | 4 heads, 1 residual block each, sharing the base lm_head ("version 2"), drafting over the {args['truncated_vocab']:,} most frequent tokens of the training answers (`token_map`, `truncated_vocab_size`: vLLM's convention), {size:.1f} MB of safetensors |
+| heads | 4 heads, 1 residual block each, sharing the base lm_head ("version 2"), {reads}drafting over the {args['truncated_vocab']:,} most frequent tokens of the training answers (`token_map`, `truncated_vocab_size`: vLLM's convention), {size:.1f} MB of safetensors |
 
 ## Data: self-distillation
 
@@ -202,56 +262,43 @@ cosine, {args['steps']} steps of {args['batch']} positions ({args['steps'] * arg
 `python -m bench.tune_tree --distilled ...`: nodes added greedily by their measured probability of
 acceptance (the joint ranks of the true greedy tokens under the heads, {tuning['positions']:,} held-out
 positions), the size with the most expected tokens per second at batch 1 on this CPU, with the
-int4 weights (the default; the fp32 step costs, from a run before, beside them):
+int4 weights (the default{"; the fp32 step costs beside them" if has_float else ""}):
 
-| nodes | expected tokens/step | int4 step ms | expected tokens/s | fp32 step ms | expected tokens/s |
-|---|---|---|---|---|---|
+| nodes | expected tokens/step | int4 step ms | expected tokens/s |{" fp32 step ms | expected tokens/s |" if has_float else ""}
+|---|---|---|---|{"---|---|" if has_float else ""}
 {rows}
 
-The int4 step costs were measured before attention moved to float64 (see `int4.attention`), which
-adds about 7 ms to each step at batch 1.
-
 Chosen: `{tree['name']}` ({ev['tree']['nodes']} nodes with the root, depth {ev['tree']['depth']}); paths in `medusa/medusa_choices.json`.
-With fp32 weights the tuning chose `{float_ev['tree']['name']}` ({float_ev['tree']['nodes']} nodes).
 
-## Results (`python -m bench.eval_model --distilled ...`, `--quantize gguf` and `none`)
+## Results (`python -m bench.eval_model --distilled ...`)
 
 {ev['setup']}; HF `generate()` runs on the same weights (for int4: HF's modules swapped to the same
 int4 matrices, but its own attention, in fp32, whose last-bit differences the bf16 projections let
 grow: its greedy text parts from the engine's; `tests/engine/test_int4.py` checks its teacher-forced logits
 instead).
 
-| | int4 (the file's blocks) | fp32 (dequantised) |
-|---|---|---|
-| accepted tokens per step (the tuned tree) | {ev['accepted_tokens_per_step']:.2f} ({ev['tree']['nodes']} nodes) | {float_ev['accepted_tokens_per_step']:.2f} ({float_ev['tree']['nodes']} nodes) |
-| tokens/s: HF `generate()` / standard / speculative | {ev['tokens_per_s']['hf']} / {ev['tokens_per_s']['standard']} / {ev['tokens_per_s']['speculative']} | {float_ev['tokens_per_s']['hf']} / {float_ev['tokens_per_s']['standard']} / {float_ev['tokens_per_s']['speculative']} |
-| speculative / standard; standard / HF `generate()` | {ev['speculative_vs_standard']:.2f}x; {ev['standard_vs_hf']:.2f}x | {float_ev['speculative_vs_standard']:.2f}x; {float_ev['standard_vs_hf']:.2f}x |
-| outputs identical (speculative = standard; standard = HF) | {ev['speculative_equals_standard']}; {ev['standard_equals_hf']} | {float_ev['speculative_equals_standard']}; {float_ev['standard_equals_hf']} |
+{results_table([("int4 (the file's blocks)", ev)] + ([("fp32 (dequantised)", float_ev)] if has_float else []))}
 
 Agreement of the int4 answers with the fp32 ones (greedy, the same prompts): {agree['identical']} of {agree['of']}
 identical; an answer shares a median {agree['tokens_before_they_part_median']} tokens with the fp32 one before they part
 ({100 * agree['share_of_tokens_before_they_part']:.0f}% of all answer tokens come before the parting). The int4 path rounds the
 file's fp16 scales to bf16 and computes each projection from bf16 activations, so the two
 models differ slightly and greedy answers part somewhere; both are exact to their own weights.
+{peer_agreement()}
 
 A held-out prompt and the greedy answer:
 
 ```
 {ev['sample']}
 ```
-
-## Short of its targets, and why
+{comparison_section(heads_dir)}
+## Short of its targets
 
 The targets were 2.5 accepted tokens per step and 1.5x standard decoding at one client; these heads
-give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x with int4 weights ({float_ev['accepted_tokens_per_step']:.2f} and {float_ev['speculative_vs_standard']:.2f}x in fp32). Two things hold it back, both measured
-above. The heads: the first one's top-1 is {top1[0]:.2f} on held-out answers and the second's {top1[1]:.2f}, so
-even the 63-node tree would emit {tuning['sizes'][-1]['tokens_per_step']:.2f} tokens per step. In 200-step pilots a second residual
-layer per head gave +0.03 top-1 for the first head (0.339 against 0.305); its full run did not finish
-in this session. The cost: on this CPU an fp32 step that verifies 2 to 64 tokens costs 1.3x to 3.5x
-a one-token step (MKL's small-row kernels), which this acceptance does not pay back. With the int4
-weights the step is more than twice as cheap and a small tree costs less over it, but past a few
-rows the kernel's cost grows with the rows again (tuning table above), so only small trees pay, and
-they accept few tokens. Better heads are the lever now.
+give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x. The heads are what holds it back: the first
+one's top-1 on held-out answers is {top1[0]:.2f} and the second's {top1[1]:.2f}, so even the {tuning['sizes'][-1]['nodes']}-node tree would
+emit {tuning['sizes'][-1]['tokens_per_step']:.2f} tokens per step, and on this CPU a step that verifies many tokens costs more than
+its few accepted ones pay back (the tuning table above): only small trees pay.
 """
 
 

@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.truncated_vocab:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         token_map = frequent_tokens(targets, args.truncated_vocab, eos)
+        if len(token_map) < args.truncated_vocab:
+            raise SystemExit(f"--truncated-vocab {args.truncated_vocab}: the training targets hold only "
+                             f"{len(token_map)} distinct tokens; ask for at most that many")
     model.heads.init_lm_heads(model.lm_head, token_map)
     losses = fit_positions(trainer, hidden, targets, roots, args.steps, args.batch, args.seed)
     report = {

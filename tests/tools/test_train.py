@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench.compare_heads import main as compare_heads
 from load_medusa_from_hf import load_medusa_model
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
 from training.corpus import held_out_by_hash
@@ -134,3 +135,13 @@ def test_command_line_trains_on_distilled_chat_answers(toy, tmp_path):
     served, _ = load_medusa_model(str(tmp_path / "base"), str(tmp_path / "heads"), deepspeed=False)
     assert served.heads.config.truncated_vocab_size == 32 and len(served.heads.token_map) == 32
     assert served.heads.config.reads_root_token and served.heads.root.abs().sum() > 0
+    too_many = argv[: argv.index("--truncated-vocab") + 1] + ["100000"] + argv[argv.index("--truncated-vocab") + 2 :]
+    with pytest.raises(SystemExit, match="hold only [0-9]+ distinct tokens"):
+        main(too_many)
+    compare_heads(["--model", str(tmp_path / "base"), "--heads", str(tmp_path / "heads"), "--distilled",
+                   str(tmp_path / "answers.jsonl"), "--quantize", "none", "--against", f"again={tmp_path / 'heads'}"])
+    first, again = json.loads((tmp_path / "heads" / "heads_comparison.json").read_text())["heads"]
+    assert first["positions"] == 3 * (per_row - 1)  # scored while every head has a target
+    assert first["top1"] == again["top1"]
+    expected = list(first["tokens_per_step"].values())
+    assert expected == list(again["tokens_per_step"].values()) and all(1 <= e <= 3 for e in expected)  # 2 heads

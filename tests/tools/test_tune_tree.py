@@ -3,20 +3,36 @@ continuations; the engine, decoding the same prompts with that tree, must emit w
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from bench.tune_tree import joint_ranks, path_probability, tokens_per_step
 from engine.decode import Engine
 from engine.messages import Request
 from engine.tree import preset
+from medusa_model import MedusaHeads, MedusaModel
 from training.toy_model import stdlib_texts
 from training.train_medusa import greedy_continuations
 
 PROMPT, NEW = 16, 96
 
 
-def test_predicted_tokens_per_step_is_what_the_engine_emits(toy):
+def reading_the_root_token(model: MedusaModel) -> MedusaModel:
+    """The model's heads, reading the root token through a random projection (so it changes their ranks)."""
+    config = dataclasses.replace(model.heads.config, reads_root_token=True)
+    heads = MedusaHeads(config, model.config.hidden_size, model.config.vocab_size)
+    heads.load_state_dict(model.heads.state_dict(), strict=False)
+    torch.manual_seed(0)
+    heads.root.data.normal_(std=0.3 / model.config.hidden_size**0.5)
+    return MedusaModel(model.model, heads.eval())
+
+
+@pytest.mark.parametrize("reads_root", [False, True], ids=["plain", "reading-the-root-token"])
+def test_predicted_tokens_per_step_is_what_the_engine_emits(toy, reads_root):
     model, tokenizer = toy
+    model = reading_the_root_token(model) if reads_root else model
     ids = tokenizer(stdlib_texts(60)[-1])["input_ids"]
     prompts = [ids[:1] + ids[200 + 60 * i : 200 + 60 * i + PROMPT - 1] for i in range(8)]
     ranks = joint_ranks(model, greedy_continuations(model.model, prompts, NEW), [PROMPT - 1] * len(prompts))
