@@ -187,8 +187,7 @@ Against llama.cpp's `llama-server` on the same file (`python -m bench.peer_llama
 --agreement {agreed['prompts']}`: the first {agreed['prompts']} prompts of `benchmark_prompts.json`, greedy, 128 tokens at most,
 compared in this tokenizer's tokens): {agreed['identical']} of {agreed['prompts']} identical, a median \
 {agreed['median_shared_prefix_tokens']} tokens shared before they part ({100 * agreed['share_of_tokens_before_parting']:.0f}% \
-of the answer tokens); llama.cpp quantises the activations to 8 bits for its dot products.
-"""
+of the answer tokens); llama.cpp quantises the activations to 8 bits for its dot products."""
 
 
 def chat_card(folder: Path) -> str:
