@@ -32,7 +32,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from config.settings import auto_dtype_name
-from engine.int4 import LM_HEAD, Int4Linear, Int4Llama, file_supports, file_weights, float_weights, swap_linears
+from engine.int4 import (
+    LM_HEAD,
+    Int4Error,
+    Int4Linear,
+    Int4Llama,
+    file_supports,
+    file_weights,
+    float_weights,
+    kernel,
+    native_extension,
+    swap_linears,
+)
 from engine.tree import Tree, load_tree
 from medusa_model import KERNEL_INJECT_REFUSED, HeadsConfig, MedusaHeads, MedusaModel, wrap_with_deepspeed
 
@@ -73,22 +84,31 @@ class ModelSource:
         what = (f"{self.name} ({float_name})" if self.gguf_file is None else
                 f"GGUF {self.gguf_file} ({', '.join(f'{t} x{n}' for t, n in self.gguf_types)})")
         if quantize == "gguf":
-            return f"{what}: its own 4-bit blocks in PyTorch's int4 CPU kernel, embeddings and norms in {float_name}"
+            return (f"{what}: its own blocks in the int4 kernel (8-bit activations), embeddings and norms in "
+                    f"{float_name}")
         if quantize == "int4":
-            return f"{what} quantised at load to int4 (groups of 32), embeddings and norms in {float_name}"
+            return (f"{what} quantised at load to Q4_1 in the int4 kernel (8-bit activations), embeddings and "
+                    f"norms in {float_name}")
         return what if self.gguf_file is None else f"{what} dequantised to {float_name}"
 
     def quantize_mode(self, quantize: str, device: str, tp_size: int = 1) -> str:
         """QUANTIZE resolved: "auto" is "gguf" for a GGUF file on the CPU, in one process, whose types
-        the int4 kernel takes (the fastest there, README: Performance), else "none"."""
+        the int4 kernel takes, where the kernel could be built (the fastest there, README: Performance),
+        else "none"."""
         if quantize == "auto":
             cpu = torch.device(device).type == "cpu" and tp_size == 1
-            return "gguf" if cpu and self.gguf_file and file_supports(t for t, _ in self.gguf_types) else "none"
+            servable = cpu and self.gguf_file and file_supports(t for t, _ in self.gguf_types)
+            return "gguf" if servable and native_extension() is not None else "none"
         if quantize == "gguf" and self.gguf_file is None:
             raise ModelError(f"QUANTIZE=gguf serves a GGUF file's own weights; {self.name} is not a GGUF file "
                              "(QUANTIZE=int4 quantises a float model at load)")
         if quantize != "none" and torch.device(device).type != "cpu":
-            raise ModelError(f"QUANTIZE={quantize} runs PyTorch's int4 CPU kernel; on {device} use QUANTIZE=none")
+            raise ModelError(f"QUANTIZE={quantize} runs the int4 CPU kernel; on {device} use QUANTIZE=none")
+        if quantize != "none":
+            try:
+                kernel()
+            except Int4Error as e:
+                raise ModelError(str(e)) from None
         return quantize
 
 
@@ -332,10 +352,10 @@ def int4_model(model, heads: MedusaHeads | None, source: ModelSource, quantize: 
     projection = None
     if heads is not None and heads.config.shares_lm_head:  # their drafts through the same rows, in int4
         rows = None if heads.token_map is None else heads.token_map.cpu().numpy()
-        projection = runner.lm_head if rows is None else Int4Linear([b.rows(rows) for b in weights[LM_HEAD]])
+        projection = runner.lm_head if rows is None else Int4Linear(weights[LM_HEAD].rows(rows))
     swap_linears(model, weights)
-    layers = "its decoder layers in C++" if runner.native is not None else "its decoder layers in Python (no C++ build)"
-    return MedusaModel(model, heads, runner, 1, f"{source.describe(dtype, quantize)}; {layers}", lm_head=table,
+    return MedusaModel(model, heads, runner, 1, f"{source.describe(dtype, quantize)}; its decoder layers in C++",
+                       lm_head=table,
                        head_projection=projection)
 
 

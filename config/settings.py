@@ -41,9 +41,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     deepspeed: bool = Field(True, description="wrap the model with deepspeed.init_inference (not with QUANTIZE)")
     quantize: Literal["auto", "gguf", "int4", "none"] = Field(
-        "auto", description="gguf: serve a GGUF file's own 4-bit weights (Q4_0, Q4_1, Q8_0) through PyTorch's int4 CPU "
-                            "kernel; int4: quantise a float model at load (groups of 32); none: float weights; auto: "
-                            "gguf for a GGUF file on the CPU whose types the kernel takes, else none")
+        "auto", description="gguf: serve a GGUF file's own weights (Q4_0, Q4_1, Q8_0 blocks) through the service's "
+                            "int4 CPU kernel (8-bit activations, as llama.cpp); int4: quantise a float model to Q4_1 "
+                            "at load; none: float weights; auto: gguf for a GGUF file on the CPU whose types the kernel "
+                            "takes (and where it could be built), else none")
     tp_size: int = Field(1, ge=1, description="DeepSpeed tensor-parallel degree; under a launcher: its world size")
     # set by the `deepspeed` (or torchrun) launcher for each process it starts
     rank: int = Field(0, ge=0, description="this process's rank: rank 0 serves HTTP, the others follow its rounds")

@@ -1,24 +1,21 @@
-"""A GGUF file's own 4-bit weights, served on the CPU through PyTorch's int4 kernel
-(`aten._weight_int4pack_mm_for_cpu`), with a lean Llama forward around them.
+"""A GGUF file's own 4-bit weights, served on the CPU through this project's int4 kernel
+(int4_layers.cpp), with a lean Llama forward around them.
 
-The kernel computes, per group of 32 inputs, w = (q - 8) * s + z for 4-bit q, so GGUF blocks map
-onto it exactly, block for group:
-* Q4_1 (32 nibbles q, an fp16 scale d and minimum m; w = d q + m): s = d, z = m + 8 d;
-* Q4_0 (nibbles q, an fp16 scale d; w = d (q - 8)): s = d, z = 0;
-* Q8_0 (int8 q, an fp16 scale d; w = d q): two 4-bit halves, q = 16 hi + lo with hi in [-8, 7] and
-  lo in [0, 15]: the hi half with s = 16 d, z = 0, the lo half with s = d, z = 8 d, summed.
-No weight is re-quantised: the nibbles are the file's. The kernel takes its scales, zeros and input
-in bf16 (its vectorised path; fp16 input ran 45x slower here), so the file's fp16 scales are rounded
-to bf16 once and activations enter in bf16 (llama.cpp, for its part, quantises activations to 8
-bits); the kernel accumulates in fp32. A row's result does not depend on the other rows, so
+The kernel takes the file's blocks of 32 weights as they are, in a layout of its own (pack): Q4_1 (4-bit
+q, an fp16 scale d and minimum m: w = d q + m), Q4_0 (w = d (q - 8), served as Q4_1 with m = -8 d,
+exactly) and Q8_0 (int8 q: w = d q). No weight is re-quantised and no scale rounded. Activations are
+quantised to 8 bits per block of 32 inside the kernel, as llama.cpp quantises them for the same
+blocks (its Q8_0 / Q8_1), so that a block's dot product is an exact integer (AVX-512 VNNI); each output
+then sums over the blocks in order in fp32. A row's result does not depend on the other rows, so
 verifying a tree gives each node what a step of it alone would (speculative == standard by
-construction, bitwise).
+construction, bitwise). Without AVX-512 VNNI a portable loop computes the same bits, slower.
 
 The forward (Int4Llama) takes the HF model's own embedding, norms and rotary embedding, and replaces
 its projections with the int4 ones, fused per layer: q, k and v in one matrix, gate and up in one.
 Its decoder layers run in C++ (int4_layers.cpp: the same ATen calls as Int4Layer.forward, without
-Python's cost per call), compiled on first use into torch's extension cache; where no C++ compiler
-is found they run in Python, and the log says so.
+Python's cost per call). The kernel and the layers are compiled on first use into torch's extension
+cache; without a C++ compiler the int4 path cannot run (QUANTIZE=auto then serves fp32) and the log
+says so.
 """
 
 from __future__ import annotations
@@ -41,97 +38,114 @@ from engine.kv_cache import CacheWriter
 
 log = logging.getLogger("medusa.engine")
 
-GROUP = 32  # weights per GGUF block: the kernel's group size
-# The kernel's input, scales and zeros: bf16, its vectorised path (here fp16 input ran 45x slower, fp32 40x).
-KERNEL_DTYPE = torch.bfloat16
-SUPPORTED = ("Q4_0", "Q4_1", "Q8_0")
+GROUP = 32  # weights per GGUF block
+COLUMNS = 16  # output columns the kernel interleaves (a vector lane each)
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+SUPPORTED = tuple(BLOCK_BYTES)
+Q4, Q8 = 4, 8  # the kernel's two kinds (int4_layers.cpp Kind)
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """A [N, K] weight as 4-bit values q [N, K] (0..15) with scales and zeros [N, K/32]: w = (q - 8) s + z."""
+    """A [N, K] weight as a GGUF file stores it: `data`, uint8 [N, K/32 * block bytes], row by row."""
 
-    q: np.ndarray
-    scales: np.ndarray
-    zeros: np.ndarray
+    kind: str
+    data: np.ndarray
 
     def rows(self, index: np.ndarray) -> Blocks:
-        return Blocks(self.q[index], self.scales[index], self.zeros[index])
+        return Blocks(self.kind, self.data[index])
 
     @staticmethod
     def stack(parts: list[Blocks]) -> Blocks:
         """The rows of several weights, one after the other (fused q/k/v, gate/up)."""
-        return Blocks(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+        kinds = {p.kind for p in parts}
+        if len(kinds) > 1:
+            raise Int4Error(f"weights fused into one matrix must share a GGUF type; these are {sorted(kinds)}")
+        return Blocks(parts[0].kind, np.concatenate([p.data for p in parts]))
+
+    def dequantize(self) -> np.ndarray:
+        """The weight in fp32, as gguf.quants dequantises it (what the kernel computes with)."""
+        from gguf import GGMLQuantizationType, quants
+
+        return quants.dequantize(self.data, GGMLQuantizationType[self.kind]).reshape(len(self.data), -1)
 
 
 @dataclass(frozen=True)
-class Int4Matrix:
-    """A weight as the kernel takes it: packed nibbles (its own tiled layout) and scales and zeros [K/32, N, 2]."""
+class Packed:
+    """A weight in the kernel's layout: per group of 16 output columns and block of 32 inputs, the
+    columns' quantised values interleaved 4 inputs at a time (uint8 [N/16, K/32, 4 or 8, 64]: Q4 two
+    nibbles a byte, Q8 q + 128), their d and (Q4) m in fp16 [N/16, K/32, 16]; N padded to 16 with zeros."""
 
     packed: torch.Tensor
-    scales_zeros: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    kind: int
+    out_features: int
 
     @classmethod
-    def of(cls, b: Blocks) -> Int4Matrix:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(b.q.astype(np.int32)), 1)
-        sz = torch.from_numpy(np.stack([b.scales, b.zeros], axis=-1).astype(np.float32))  # [N, K/32, 2]
-        return cls(packed, sz.transpose(0, 1).contiguous().to(KERNEL_DTYPE))
+    def of(cls, b: Blocks) -> Packed:
+        n = len(b.data)
+        blocks = b.data.reshape(n, -1, BLOCK_BYTES[b.kind])
+        d = blocks[..., :2].copy().view(np.float16)[..., 0]  # [N, K/32]
+        if b.kind == "Q8_0":
+            q = (blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # [N, K/32, 32]
+            m = np.zeros_like(d)
+        else:
+            qs = blocks[..., 4:] if b.kind == "Q4_1" else blocks[..., 2:]
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # byte j holds element j (low) and j + 16 (high)
+            if b.kind == "Q4_1":
+                m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+            else:
+                m = (-8 * d.astype(np.float32)).astype(np.float16)  # exact: a power of two times d
+                if not np.isfinite(m).all():
+                    raise Int4Error("a Q4_0 scale is too large for the kernel (8 d overflows fp16)")
+        groups = -(-n // COLUMNS)
+        pad = groups * COLUMNS - n
+        if pad:
+            q = np.concatenate([q, np.full((pad, *q.shape[1:]), 128 if b.kind == "Q8_0" else 0, np.uint8)])
+            d, m = (np.concatenate([a, np.zeros((pad, a.shape[1]), np.float16)]) for a in (d, m))
+        nb = q.shape[1]
+        q = q.reshape(groups, COLUMNS, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # [G, K/32, 4 inputs' group, column, 4]
+        if b.kind != "Q8_0":
+            q = q[:, :, :4] | (q[:, :, 4:] << 4)  # groups g and g + 4 in one byte's low and high nibble
+
+        def by_group(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a.reshape(groups, COLUMNS, nb).transpose(0, 2, 1)))
+
+        return cls(torch.from_numpy(np.ascontiguousarray(q).reshape(groups, nb, -1, 64)), by_group(d),
+                   by_group(m) if b.kind != "Q8_0" else torch.empty(0, dtype=torch.float16),
+                   Q8 if b.kind == "Q8_0" else Q4, n)
 
     @property
-    def out_features(self) -> int:
-        return self.scales_zeros.shape[1]
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (bf16) -> [M, N] (bf16)."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-
-
-def quantize(weight: torch.Tensor) -> Blocks:
-    """A float [N, K] weight quantised to 4 bits in groups of 32, asymmetric (QUANTIZE=int4): per group
-    the step s = (max - min) / 15 and q = round((w - min) / s), so w ~ s q + min = (q - 8) s + z with
-    z = min + 8 s. s and z are rounded to bf16 first (the kernel keeps them so), and q is chosen for them."""
-    n, k = weight.shape
-    w = weight.detach().float().reshape(n, k // GROUP, GROUP)
-    lo, hi = w.amin(-1), w.amax(-1)
-    s = ((hi - lo) / 15).clamp(min=2**-14).to(KERNEL_DTYPE).float()
-    z = (lo + 8 * s).to(KERNEL_DTYPE).float()
-    q = ((w - (z - 8 * s)[..., None]) / s[..., None]).round().clamp(0, 15)
-    return Blocks(q.reshape(n, k).to(torch.int32).numpy(), s.numpy(), z.numpy())
-
-
-def nibbles(qs: np.ndarray) -> np.ndarray:
-    """[N, blocks, 16] bytes -> [N, blocks * 32] nibbles: byte j holds element j (low) and j + 16 (high)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(qs.shape[0], -1)
-
-
-def file_blocks(kind: str, data: np.ndarray, rows: int) -> list[Blocks]:
-    """A GGUF tensor's raw blocks (uint8 [N, bytes]) as 4-bit weights whose sum is the tensor."""
-    blocks = data.reshape(rows, -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind])
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, blocks]
-    if kind == "Q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        return [Blocks(nibbles(blocks[..., 4:]), d, m + 8 * d)]
-    if kind == "Q4_0":
-        return [Blocks(nibbles(blocks[..., 2:]), d, np.zeros_like(d))]
-    q8 = blocks[..., 2:].copy().view(np.int8).astype(np.int32).reshape(rows, -1)  # [N, K]
-    hi, lo = q8 >> 4, q8 & 0x0F  # q = 16 hi + lo
-    return [Blocks(hi + 8, 16 * d, np.zeros_like(d)), Blocks(lo, d, 8 * d)]
+    def native(self) -> tuple:
+        """What int4_layers.cpp's Layers.add takes for it."""
+        return self.packed, self.d, self.m, self.kind, self.out_features
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T for W the sum of `parts` (one for Q4_0/Q4_1, two for Q8_0); fp32 in and out (bf16 inside)."""
+    """y = x W^T for W given as GGUF blocks; fp32 in and out. `portable`: the kernel's loop without
+    AVX-512 (the same bits; to compare the two)."""
 
-    def __init__(self, parts: list[Blocks]):
+    def __init__(self, blocks: Blocks):
         super().__init__()
-        self.matrices = [Int4Matrix.of(p) for p in parts]
-        self.out_features = self.matrices[0].out_features
+        self.weight = Packed.of(blocks)
+        self.out_features = self.weight.out_features
+        self.portable = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        y = self.matrices[0].matmul(flat).float()
-        for m in self.matrices[1:]:
-            y += m.matmul(flat).float()
+        w = self.weight
+        y = kernel().matmul(x.reshape(-1, x.shape[-1]).float(), w.packed, w.d, w.m, w.kind, w.out_features,
+                            self.portable)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantize(weight: torch.Tensor) -> Blocks:
+    """QUANTIZE=int4: a float [N, K] weight quantised to Q4_1 blocks by gguf's own quantiser (llama.cpp's
+    rounding: per block of 32, d = (max - min) / 15, m = min)."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = weight.detach().float().numpy()
+    return Blocks("Q4_1", quants.quantize(w, GGMLQuantizationType.Q4_1).reshape(len(w), -1))
 
 
 # ---- the model's weights as 4-bit blocks -------------------------------------------------------------
@@ -158,7 +172,7 @@ def file_supports(types: Iterable[str]) -> bool:
     return all(t in SUPPORTED or t == "F32" for t in types)
 
 
-def file_weights(path: Path, model) -> dict[str, list[Blocks]]:
+def file_weights(path: Path, model) -> dict[str, Blocks]:
     """QUANTIZE=gguf: every projection of `model` (the HF model transformers built from the same file)
     and its lm_head, as the file's own blocks, keyed by the HF parameter name. Row order is the
     model's: llama.cpp's converter permuted q and k for its RoPE and transformers undid it, so each
@@ -177,28 +191,25 @@ def file_weights(path: Path, model) -> dict[str, list[Blocks]]:
     return out
 
 
-def float_weights(model) -> dict[str, list[Blocks]]:
+def float_weights(model) -> dict[str, Blocks]:
     """QUANTIZE=int4: every projection and the lm_head of a float model, quantised (see quantize)."""
     params = dict(model.named_parameters())
     for name in projection_names(model.config):
         if params[name].shape[1] % GROUP:
             raise Int4Error(f"{name} has {params[name].shape[1]} inputs, not a multiple of {GROUP}")
-    out = {name: [quantize(params[name])] for name in projection_names(model.config)}
-    out[LM_HEAD] = [quantize(model.get_output_embeddings().weight)]
+    out = {name: quantize(params[name]) for name in projection_names(model.config)}
+    out[LM_HEAD] = quantize(model.get_output_embeddings().weight)
     return out
 
 
-def blocks_of(tensor, weight: torch.Tensor) -> list[Blocks]:
-    from gguf.quants import dequantize
-
+def blocks_of(tensor, weight: torch.Tensor) -> Blocks:
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED:
         raise Int4Error(f"{tensor.name} is {kind}; QUANTIZE=gguf serves {', '.join(SUPPORTED)} (QUANTIZE=int4 "
                         "quantises the dequantised weights instead, QUANTIZE=none serves them as they are)")
-    rows = weight.shape[0]
-    parts = file_blocks(kind, np.asarray(tensor.data), rows)
-    order = row_order(dequantize(tensor.data, tensor.tensor_type).reshape(rows, -1), weight)
-    return parts if order is None else [p.rows(order) for p in parts]
+    blocks = Blocks(kind, np.asarray(tensor.data).reshape(weight.shape[0], -1))
+    order = row_order(blocks.dequantize(), weight)
+    return blocks if order is None else blocks.rows(order)
 
 
 def row_order(file_rows: np.ndarray, weight: torch.Tensor) -> np.ndarray | None:
@@ -213,7 +224,7 @@ def row_order(file_rows: np.ndarray, weight: torch.Tensor) -> np.ndarray | None:
         raise Int4Error("a weight of the GGUF file differs from the model built from it") from None
 
 
-def swap_linears(model, weights: dict[str, list[Blocks]]) -> None:
+def swap_linears(model, weights: dict[str, Blocks]) -> None:
     """Replace the HF model's projections and lm_head by Int4Linear over the same blocks, one module
     each, in place: HF's own forward (and generate()) then computes with exactly the served weights,
     the reference the engine is compared with, and the float copies are freed."""
@@ -228,12 +239,11 @@ def swap_linears(model, weights: dict[str, list[Blocks]]) -> None:
 class Int4Layer(nn.Module):
     """One decoder layer: RMSNorm, fused q/k/v, RoPE, SDPA over the cache, o; RMSNorm, fused gate/up, down."""
 
-    def __init__(self, hf_layer, weights: dict[str, list[Blocks]], prefix: str, config):
+    def __init__(self, hf_layer, weights: dict[str, Blocks], prefix: str, config):
         super().__init__()
 
         def fused(*names: str) -> Int4Linear:
-            parts = [weights[f"{prefix}.{n}.weight"] for n in names]
-            return Int4Linear([Blocks.stack([p[i] for p in parts]) for i in range(len(parts[0]))])
+            return Int4Linear(Blocks.stack([weights[f"{prefix}.{n}.weight"] for n in names]))
 
         self.norms = hf_layer.input_layernorm.weight, hf_layer.post_attention_layernorm.weight
         self.eps = config.rms_norm_eps
@@ -255,37 +265,22 @@ class Int4Layer(nn.Module):
         qk = rotate(qkv[:, : self.heads + self.kv_heads], *rope)
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         k, v = cache.update(k, qkv[:, self.heads + self.kv_heads :], self.layer_idx)
-        attn = attention(q, k, v, mask, d**-0.5)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, self.heads * d))
+        attn = attention(q, k, v, mask, d**-0.5)  # [B, T, H, D]
+        x = x + self.o(attn.reshape(b, t, self.heads * d))
         gate, up = self.gate_up(F.rms_norm(x, (width,), self.norms[1], self.eps)).split(self.intermediate, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
 
-TREE_ATTENTION_ROWS = 64  # tokens per sequence up to which a step of several computes attention by matmuls
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention in float64, the result back in float32. A tree's node and the standard step that would
-    decode the same token see the same keys, but a sibling's keys sit one cache slot further on (a
-    masked slot between): fp32 sums over keys in SIMD lanes, so their association, and the last bit,
-    changes with the slot, and the bf16 projections after it turn such bits into other tokens now and
-    then. In float64 those differences stay far below what the fp32 result keeps.
-
-    One token per sequence (standard decoding): SDPA. Several, up to TREE_ATTENTION_ROWS (a tree):
-    two matmuls and a softmax, each kv head's query heads in one matrix, which ran 15% faster per
-    forward than SDPA at 3 tokens and 3-6% slower at 1 (an interleaved A/B of the forward, one run);
-    both in float64, they gave the same logits in every shape compared. Longer (a prompt): SDPA, which
-    does not hold the whole score matrix."""
-    b, heads, t, d = q.shape
-    if t == 1 or t > TREE_ATTENTION_ROWS:
-        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale,
-                                              enable_gqa=True).float()
-    kv_heads, keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    scores = torch.matmul(q.double().reshape(b, kv_heads, group * t, d), k.double().transpose(-1, -2)).mul_(scale)
-    scores = scores.view(b, kv_heads, group, t, keys).add_(mask.unsqueeze(1))
-    probs = torch.softmax(scores, -1).view(b, kv_heads, group * t, keys)
-    return torch.matmul(probs, v.double()).view(b, heads, t, d).float()
+    """q [B, H, T, D] over keys and values [B, Hkv, S, D] -> [B, T, H, D], fp32, the kernel's
+    (int4_layers.cpp): each query from its visible keys alone (mask 0), in slot order, the n-th
+    visible key in the same place of every sum whatever its slot. A tree node sees the committed prefix
+    and its path; the standard step that decodes the same token sees the same keys, in other slots (a
+    sibling's sits one slot further on, a masked slot between): in SIMD sums over all slots their
+    association, and so the last bit, would change with the slot, and 8-bit activations turn such bits
+    into other tokens now and then. Over the visible keys in a fixed order the bits are the same by
+    construction: a tree step, a standard step and a prompt's forward over the same tokens agree."""
+    return kernel().attention(q, k, v, mask, scale, False)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -295,45 +290,48 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 NATIVE_SOURCE = Path(__file__).with_name("int4_layers.cpp")
+NATIVE_FLAGS = ["-O2", "-fopenmp", "-ffp-contract=off"]  # OpenMP: ATen's parallel_for; no contraction into fma
 
 
 @functools.cache
 def native_extension():
-    """int4_layers.cpp as a Python module, built once per source version (about 30 s on 2 cores) into
+    """int4_layers.cpp as a Python module, built once per source version (about 40 s on 2 cores) into
     torch's extension cache (TORCH_EXTENSIONS_DIR); None where it cannot be built."""
     from torch.utils import cpp_extension
 
     try:
-        return cpp_extension.load(name="medusa_int4_layers", sources=[str(NATIVE_SOURCE)], extra_cflags=["-O2"])
+        return cpp_extension.load(name="medusa_int4", sources=[str(NATIVE_SOURCE)], extra_cflags=NATIVE_FLAGS,
+                                  extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, or a failed build
-        log.warning("the int4 layers run in Python (slower): the C++ ones could not be built: %s", e)
+        log.warning("the int4 kernel could not be built (QUANTIZE=auto serves fp32 instead): %s", e)
         return None
+
+
+def kernel():
+    """The built extension, or an Int4Error that says why int4 weights cannot be served."""
+    extension = native_extension()
+    if extension is None:
+        raise Int4Error("QUANTIZE=gguf and int4 need the int4 kernel, which is built at first use with a C++ "
+                        "compiler (g++) and ninja; it could not be built (see the log). QUANTIZE=none serves fp32")
+    return extension
 
 
 def native_layers(layers: list[Int4Layer]):
-    """The layers' weights handed to int4_layers.cpp's Layers, or None without it."""
-    extension = native_extension()
-    if extension is None:
-        return None
+    """The layers' weights handed to int4_layers.cpp's Layers."""
     first = layers[0]
-    native = extension.Layers(first.heads, first.kv_heads, first.head_dim, first.intermediate, first.eps,
-                              first.head_dim**-0.5)
-
-    def parts(linear: Int4Linear) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(m.packed, m.scales_zeros) for m in linear.matrices]
-
+    native = kernel().Layers(first.heads, first.kv_heads, first.head_dim, first.intermediate, first.eps,
+                             first.head_dim**-0.5)
     for layer in layers:
-        native.add(*layer.norms, parts(layer.qkv), parts(layer.o), parts(layer.gate_up), parts(layer.down))
+        native.add(*layer.norms, *(linear.weight.native for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)))
     return native
 
 
 class Int4Llama(nn.Module):
     """A drop-in for the HF Llama forward the engine calls (MedusaModel.runner), over int4 weights;
     the embedding, norms and rotary frequencies are the HF model's own, in its float dtype. `native`:
-    the layers in C++ when they can be built (the engine's forwards; a forward without a cache runs
-    the Python layers)."""
+    the layers in C++ (the engine's forwards; a forward without a cache runs the Python layers)."""
 
-    def __init__(self, hf_model, weights: dict[str, list[Blocks]]):
+    def __init__(self, hf_model, weights: dict[str, Blocks]):
         super().__init__()
         inner = hf_model.model
         self.embed, self.final_norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
@@ -361,8 +359,6 @@ class Int4Llama(nn.Module):
             position_ids = torch.arange(t, device=x.device).expand(b, t)
         if cache is None:
             attention_mask, cache = causal_mask(attention_mask, b, t, x.dtype), NoCache()
-        if attention_mask.dtype != torch.float64:
-            attention_mask = attention_mask.double()  # see attention()
         cos, sin = self.rotary(x, position_ids)  # [B, T, D]
         half = cos.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)

@@ -1,13 +1,29 @@
-// The decoder layers of engine/int4.py's Int4Llama, the same ATen calls in the same order, in C++.
+// The int4 path's native code (engine/int4.py): its matrix multiplication, and the decoder layers of
+// Int4Llama, the same calls in the same order as Int4Layer.forward.
 //
-// Why: at batch 1 the int4 matrix multiplications of a step take ~4.6 ms and the eager Python
-// around them ~13 ms (some 6,000 operator calls, nested ones counted, each paying Python and
-// dispatch). Here each call pays dispatch only. The kernels, their inputs and their order are
-// Int4Layer.forward's, so the results are the Python forward's, bit for bit (tests/engine/test_int4.py
-// compares the two).
+// The matrix multiplication: GGUF weights (Q4_0 / Q4_1 / Q8_0 blocks of 32) times activations that
+// are quantised per block of 32 to 8 bits, as llama.cpp does (its Q8_0 / Q8_1): the dot product of a
+// weight block with an activation block is an exact int32 (vpdpbusd: 64 products an instruction), and
+// each column then sums over the blocks in order in fp32, acc = fma(d_w d_x, dot, acc) (and, for Q4,
+// acc = fma(m_w, d_x sum(q_x), acc)). Every output is that same sequence of operations whatever the
+// other rows are, so a row's result does not depend on them (speculative == standard by construction,
+// bitwise), and the portable loop computes the same bits as the AVX-512 one (tests/engine/test_int4.py).
+// Weights are read once per pass of up to kRowTile rows: at one row a step is bound by memory (~0.6
+// bytes a weight), each further row adds its integer dot products.
+//
+// Attention (visible_attention): each query over its visible keys only, in one fixed order, in fp32;
+// see there.
+//
+// The layers: at batch 1 a step of 30 small layers makes ~1,000 ATen calls; from Python each pays
+// its interpreter cost too. Here each pays dispatch only.
 
+#include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -15,33 +31,389 @@ namespace {
 using at::Tensor;
 using at::indexing::Slice;
 
-constexpr int64_t kGroup = 32;  // engine/int4.py GROUP
-constexpr int64_t kTreeAttentionRows = 64;  // engine/int4.py TREE_ATTENTION_ROWS
+constexpr int64_t kBlock = 32;  // weights per GGUF block, activations per scale
+constexpr int64_t kCols = 16;   // output columns interleaved per group
+constexpr int64_t kRowTile = 4; // rows computed per pass over a group's weights
 
-// Int4Linear: fp32 in and out, bf16 into the kernel; several parts (Q8_0's two halves) summed.
-struct Linear {
-  std::vector<Tensor> packed, scales_zeros;
+enum Kind : int64_t { kQ4 = 4, kQ8 = 8 };  // Q4: w = d q + m, q in 0..15; Q8: w = d q, q in -128..127
 
-  Tensor operator()(const Tensor& x) const {
-    auto flat = x.reshape({-1, x.size(-1)}).to(at::kBFloat16);
-    auto y = at::_weight_int4pack_mm_for_cpu(flat, packed[0], kGroup, scales_zeros[0]).to(at::kFloat);
-    for (size_t i = 1; i < packed.size(); ++i) {
-      y += at::_weight_int4pack_mm_for_cpu(flat, packed[i], kGroup, scales_zeros[i]).to(at::kFloat);
+inline bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+// x [M, K] quantised per block of 32 as llama.cpp quantises activations (Q8_0 / Q8_1): d = max|x| / 127,
+// q = round-to-nearest-even(x / d), with sum(q) and d * sum(q) kept per block.
+struct Activations {
+  int64_t rows, k, blocks;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> sum;
+
+  Activations(const at::Tensor& x, bool vectorised)
+      : rows(x.size(0)), k(x.size(1)), blocks(x.size(1) / kBlock), q(rows * k), d(rows * blocks), s(rows * blocks),
+        sum(rows * blocks) {
+    const float* p = x.data_ptr<float>();
+    for (int64_t i = 0; i < rows * blocks; ++i) {
+      vectorised ? quantise_avx512(p + i * kBlock, i) : quantise(p + i * kBlock, i);
     }
-    auto shape = x.sizes().vec();
-    shape.back() = y.size(1);
-    return y.view(shape);
+  }
+
+  void keep(int64_t i, float scale, int32_t total) {
+    d[i] = scale;
+    sum[i] = total;
+    s[i] = scale * static_cast<float>(total);
+  }
+
+  void quantise(const float* v, int64_t i) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float scale = amax / 127.f, inverse = scale != 0.f ? 1.f / scale : 0.f;
+    int32_t total = 0;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const float r = std::nearbyint(v[j] * inverse);  // the default rounding: to nearest, ties to even
+      q[i * kBlock + j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+      total += q[i * kBlock + j];
+    }
+    keep(i, scale, total);
+  }
+
+  // round(a * inverse) to nearest, ties to even (as nearbyint), within +-127
+  __attribute__((target("avx512f"))) static __m512i ints(__m512 a, __m512 inverse, __m512 bound) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(a, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(bound, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), bound), r)));
+  }
+
+  __attribute__((target("avx512f,avx512bw"))) void quantise_avx512(const float* v, int64_t i) {
+    const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float scale = amax / 127.f, inverse = scale != 0.f ? 1.f / scale : 0.f;
+    const __m512 bound = _mm512_set1_ps(127.f), inv = _mm512_set1_ps(inverse);
+    const __m512i a = ints(lo, inv, bound), b = ints(hi, inv, bound);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + i * kBlock), _mm512_cvtepi32_epi8(a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + i * kBlock + 16), _mm512_cvtepi32_epi8(b));
+    keep(i, scale, _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)));
   }
 };
 
-Linear linear_of(const std::vector<std::pair<Tensor, Tensor>>& parts) {
-  Linear out;
-  for (const auto& [packed, sz] : parts) {
-    out.packed.push_back(packed);
-    out.scales_zeros.push_back(sz);
+inline float half(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+// One group of 16 columns, rows [r0, r0 + R), the reference arithmetic: per column, over the blocks in
+// order, acc = fma(d_w d_x, dot, acc), then for Q4 acc = fma(m_w, d_x sum(q_x), acc); the dot exact in int32.
+template <Kind kind>
+void group_portable(const Activations& a, int64_t r0, int64_t nrows, const uint8_t* w, const uint16_t* dw,
+                    const uint16_t* mw, float* y, int64_t ldy, int64_t cols) {
+  const int64_t nb = a.blocks;
+  for (int64_t r = r0; r < r0 + nrows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t dot = kind == kQ8 ? -128 * a.sum[r * nb + b] : 0;
+        for (int64_t g = 0; g < 8; ++g) {
+          for (int64_t j = 0; j < 4; ++j) {
+            int32_t wq;
+            if constexpr (kind == kQ4) {
+              wq = (w[(b * 4 + g % 4) * 64 + c * 4 + j] >> (g < 4 ? 0 : 4)) & 15;
+            } else {
+              wq = w[(b * 8 + g) * 64 + c * 4 + j];
+            }
+            dot += wq * a.q[r * a.k + b * kBlock + g * 4 + j];
+          }
+        }
+        const float scale = half(dw[b * kCols + c]) * a.d[r * nb + b];
+        acc = std::fma(scale, static_cast<float>(dot), acc);
+        if constexpr (kind == kQ4) acc = std::fma(half(mw[b * kCols + c]), a.s[r * nb + b], acc);
+      }
+      y[r * ldy + c] = acc;
+    }
   }
+}
+
+// The same arithmetic with AVX-512 VNNI: a lane per column, vpdpbusd for the dots.
+template <Kind kind, int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Activations& a, int64_t r0,
+                                                                       const uint8_t* w, const uint16_t* dw,
+                                                                       const uint16_t* mw, float* y, int64_t ldy,
+                                                                       int64_t cols) {
+  const int64_t nb = a.blocks;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i wv[8];
+    if constexpr (kind == kQ4) {
+      for (int p = 0; p < 4; ++p) {
+        const __m512i v = _mm512_loadu_si512(w + (b * 4 + p) * 64);
+        wv[p] = _mm512_and_si512(v, low);
+        wv[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    } else {
+      for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(w + (b * 8 + g) * 64);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + b * kCols)));
+    __m512 m = _mm512_setzero_ps();
+    if constexpr (kind == kQ4) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mw + b * kCols)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r, at = row * nb + b;
+      const int8_t* xq = a.q.data() + row * a.k + b * kBlock;
+      // two chains of vpdpbusd (integer sums: the order does not change them)
+      __m512i even = kind == kQ8 ? _mm512_set1_epi32(-128 * a.sum[at]) : _mm512_setzero_si512();
+      __m512i odd = _mm512_setzero_si512();
+      for (int g = 0; g < 8; g += 2) {
+        int32_t x0, x1;
+        std::memcpy(&x0, xq + g * 4, 4);
+        std::memcpy(&x1, xq + g * 4 + 4, 4);
+        even = _mm512_dpbusd_epi32(even, wv[g], _mm512_set1_epi32(x0));
+        odd = _mm512_dpbusd_epi32(odd, wv[g + 1], _mm512_set1_epi32(x1));
+      }
+      const __m512i dot = _mm512_add_epi32(even, odd);
+      const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[at]));
+      acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[r]);
+      if constexpr (kind == kQ4) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[at]), acc[r]);
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * ldy, keep, acc[r]);
+}
+
+template <Kind kind>
+void group_fast(const Activations& a, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, float* y, int64_t ldy,
+                int64_t cols) {
+  static_assert(kRowTile == 4);
+  int64_t r = 0;
+  for (; r + kRowTile <= a.rows; r += kRowTile) group_vnni<kind, kRowTile>(a, r, w, dw, mw, y, ldy, cols);
+  switch (a.rows - r) {
+    case 3: group_vnni<kind, 3>(a, r, w, dw, mw, y, ldy, cols); break;
+    case 2: group_vnni<kind, 2>(a, r, w, dw, mw, y, ldy, cols); break;
+    case 1: group_vnni<kind, 1>(a, r, w, dw, mw, y, ldy, cols); break;
+  }
+}
+
+// x [M, K] fp32 times a weight in engine/int4.py Packed's layout, n columns: y [M, n] fp32.
+inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
+                         int64_t kind, int64_t n, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % kBlock == 0, "x must be [M, K] float32");
+  const auto xc = x.contiguous();
+  const bool fast = !portable && has_vnni();
+  const Activations a(xc, fast);
+  const int64_t groups = packed.size(0), per_group = packed.stride(0);
+  TORCH_CHECK(packed.size(1) == a.blocks, "the weight has ", packed.size(1) * kBlock, " inputs, x has ", a.k);
+  auto y = at::empty({a.rows, n}, x.options());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const auto* dw = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const auto* mw = kind == kQ4 ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
+  float* out = y.data_ptr<float>();
+  const int64_t scales_per_group = a.blocks * kCols;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t cols = std::min(kCols, n - g * kCols);
+      const uint8_t* wg = w + g * per_group;
+      const uint16_t* dg = dw + g * scales_per_group;
+      const uint16_t* mg = mw ? mw + g * scales_per_group : nullptr;
+      float* yg = out + g * kCols;
+      if (kind == kQ4) {
+        fast ? group_fast<kQ4>(a, wg, dg, mg, yg, n, cols) : group_portable<kQ4>(a, 0, a.rows, wg, dg, mg, yg, n, cols);
+      } else {
+        fast ? group_fast<kQ8>(a, wg, dg, mg, yg, n, cols) : group_portable<kQ8>(a, 0, a.rows, wg, dg, mg, yg, n, cols);
+      }
+    }
+  });
+  return y;
+}
+
+
+// ---- attention over the visible keys, in one fixed order ---------------------------------------------
+//
+// A query's result is computed from its visible keys alone (mask 0; the others are skipped, not
+// added as zeros), taken in slot order, the n-th visible key in the same lane and the same place of
+// every sum whatever its slot: a tree node whose keys are the committed prefix and its path gets the
+// bits a standard step over the same tokens gets, though its keys sit in other slots. Scores, the
+// softmax and the weighted sum of values in fp32, with an exp of our own (the same polynomial in both
+// loops), so the portable loop gives the AVX-512 loop's bits.
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxHeadDim = 256;
+
+// exp(x) for x <= 0: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (Horner, fma),
+// scaled by 2^n; 0 below -87 (where exp(x) < 2^-125).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[7] = {1.f, 1.f, 0.5f, 0.166666672f, 4.16666716e-2f, 8.33336077e-3f, 1.38833153e-3f};
+constexpr float kExpFloor = -87.f;
+
+inline float exp_portable(float x) {
+  if (x < kExpFloor) return 0.f;
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));
+  float p = kExpPoly[6];
+  for (int i = 5; i >= 0; --i) p = std::fma(p, r, kExpPoly[i]);
+  return std::ldexp(p, static_cast<int>(n));
+}
+
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[6]);
+  for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// The horizontal sum both loops use: lanes i and i + 8, then + 4, + 2, + 1.
+inline float tree_sum(const float* lanes) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = lanes[i] + lanes[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+  return s2a + s2b;
+}
+
+__attribute__((target("avx512f"))) inline float tree_sum_avx512(__m512 v) {
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, v);
+  return tree_sum(lanes);
+}
+
+// One query: out[D] = softmax(scale q.k_j over the visible j) . v_j; keys, values: rows of D at their strides.
+// dot(q, k): lane l sums q[c*16 + l] k[c*16 + l] over the chunks c by fma, then tree_sum.
+void attend_portable(const float* q, const float* keys, const float* values, int64_t key_stride, int64_t value_stride,
+                     const int32_t* visible, int64_t count, int64_t d, float scale, float* scores, float* out) {
+  const int64_t chunks = d / kLanes;
+  for (int64_t n = 0; n < count; ++n) {
+    const float* k = keys + visible[n] * key_stride;
+    float lanes[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      float acc = q[l] * k[l];
+      for (int64_t c = 1; c < chunks; ++c) acc = std::fma(q[c * kLanes + l], k[c * kLanes + l], acc);
+      lanes[l] = acc;
+    }
+    scores[n] = tree_sum(lanes) * scale;
+  }
+  float top = -INFINITY;
+  for (int64_t n = 0; n < count; ++n) top = std::max(top, scores[n]);
+  float sums[kLanes] = {};
+  for (int64_t n = 0; n < count; ++n) {
+    scores[n] = exp_portable(scores[n] - top);
+    sums[n % kLanes] += scores[n];
+  }
+  const float total = tree_sum(sums);
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (int64_t n = 0; n < count; ++n) {
+    const float* v = values + visible[n] * value_stride;
+    for (int64_t i = 0; i < d; ++i) out[i] = std::fma(scores[n], v[i], out[i]);
+  }
+  for (int64_t i = 0; i < d; ++i) out[i] = count ? out[i] / total : 0.f;
+}
+
+__attribute__((target("avx512f"))) void attend_avx512(const float* q, const float* keys, const float* values,
+                                                      int64_t key_stride, int64_t value_stride, const int32_t* visible,
+                                                      int64_t count, int64_t d, float scale, float* scores,
+                                                      float* out) {
+  const int64_t chunks = d / kLanes;
+  __m512 qv[kMaxHeadDim / kLanes];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(q + c * kLanes);
+  for (int64_t n = 0; n < count; ++n) {
+    const float* k = keys + visible[n] * key_stride;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * kLanes), acc);
+    scores[n] = tree_sum_avx512(acc) * scale;
+  }
+  float top = -INFINITY;
+  for (int64_t n = 0; n < count; ++n) top = std::max(top, scores[n]);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t n = 0; n < count; n += kLanes) {
+    const __mmask16 live = count - n >= kLanes ? 0xFFFF : static_cast<__mmask16>((1u << (count - n)) - 1);
+    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + n), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + n, live, p);
+    sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
+  }
+  const float total = tree_sum_avx512(sums);
+  __m512 acc[kMaxHeadDim / kLanes];
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < count; ++n) {
+    const float* v = values + visible[n] * value_stride;
+    const __m512 p = _mm512_set1_ps(scores[n]);
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * kLanes), acc[c]);
+  }
+  const __m512 z = _mm512_set1_ps(total);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm512_storeu_ps(out + c * kLanes, count ? _mm512_div_ps(acc[c], z) : _mm512_setzero_ps());
+  }
+}
+
+// Which keys each query sees: for row r = (b, t) of a mask [B, 1, T, S], the slots j with mask 0, in
+// order (computed once per forward; every layer shares the mask).
+struct Visible {
+  int64_t rows = 0, keys = 0;
+  std::vector<int32_t> index;
+  std::vector<int64_t> start;  // row r's slots: index[start[r], start[r + 1])
+
+  explicit Visible(const Tensor& mask_in) {
+    const auto mask = mask_in.to(at::kFloat).contiguous();
+    rows = mask.size(0) * mask.size(2);
+    keys = mask.size(3);
+    const float* m = mask.data_ptr<float>();
+    start.push_back(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < keys; ++j) {
+        if (m[r * keys + j] == 0.f) index.push_back(static_cast<int32_t>(j));
+      }
+      start.push_back(static_cast<int64_t>(index.size()));
+    }
+  }
+};
+
+// q [B, H, T, D]; keys, values [B, Hkv, S', D] (S' >= S, rows contiguous in D). Returns [B, T, H, D].
+inline Tensor visible_attention(const Tensor& q_in, const Tensor& keys, const Tensor& values, const Visible& seen,
+                                double scale, bool portable) {
+  const auto q = q_in.contiguous();
+  const int64_t b = q.size(0), heads = q.size(1), t = q.size(2), d = q.size(3);
+  const int64_t kv_heads = keys.size(1), group = heads / kv_heads;
+  TORCH_CHECK(d % kLanes == 0 && d <= kMaxHeadDim, "head dim ", d, " is not a multiple of 16 up to 256");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && keys.size(2) >= seen.keys && seen.rows == b * t,
+              "keys and values: [B, Hkv, S, D] rows contiguous in D");
+  auto out = at::empty({b, t, heads, d}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool fast = !portable && __builtin_cpu_supports("avx512f");
+  at::parallel_for(0, b * t * heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(seen.keys);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / heads, h = i % heads, bi = r / t, ti = r % t, kvh = h / group;
+      const float* qh = qp + ((bi * heads + h) * t + ti) * d;
+      const float* kh = kp + bi * keys.stride(0) + kvh * keys.stride(1);
+      const float* vh = vp + bi * values.stride(0) + kvh * values.stride(1);
+      const int32_t* visible = seen.index.data() + seen.start[r];
+      const int64_t count = seen.start[r + 1] - seen.start[r];
+      (fast ? attend_avx512 : attend_portable)(qh, kh, vh, keys.stride(2), values.stride(2), visible, count, d,
+                                               static_cast<float>(scale), scores.data(),
+                                               op + ((bi * t + ti) * heads + h) * d);
+    }
+  });
   return out;
 }
+
+// engine/int4.py attention(): q [B, H, T, D] -> [B, T, H, D].
+inline Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, double scale,
+                        bool portable) {
+  return visible_attention(q, k, v, Visible(mask), scale, portable);
+}
+
+// Int4Linear: y [.., N] = x [.., K] W^T.
+struct Linear {
+  Tensor packed, d, m;
+  int64_t kind, out;
+
+  Tensor operator()(const Tensor& x) const {
+    auto y = matmul(x.reshape({-1, x.size(-1)}), packed, d, m, kind, out, false);
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return y.view(shape);
+  }
+};
 
 struct Layer {
   Tensor norm0, norm1;
@@ -59,19 +431,22 @@ class Layers {
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), intermediate_(intermediate), eps_(eps),
         scale_(scale) {}
 
-  using Parts = std::vector<std::pair<Tensor, Tensor>>;
+  using Weight = std::tuple<Tensor, Tensor, Tensor, int64_t, int64_t>;  // Int4Linear.native
 
-  void add(Tensor norm0, Tensor norm1, const Parts& qkv, const Parts& o, const Parts& gate_up, const Parts& down) {
-    layers_.push_back({std::move(norm0), std::move(norm1), linear_of(qkv), linear_of(o), linear_of(gate_up),
-                       linear_of(down)});
+  void add(Tensor norm0, Tensor norm1, const Weight& qkv, const Weight& o, const Weight& gate_up, const Weight& down) {
+    auto linear = [](const Weight& w) {
+      return Linear{std::get<0>(w), std::get<1>(w), std::get<2>(w), std::get<3>(w), std::get<4>(w)};
+    };
+    layers_.push_back({std::move(norm0), std::move(norm1), linear(qkv), linear(o), linear(gate_up), linear(down)});
   }
 
-  // x [B, T, W]; cos/sin [B, 1, T, D]; mask [B, 1, T, S] float64; the cache [L, slots, Hkv, C, D], the
+  // x [B, T, W]; cos/sin [B, 1, T, D]; mask [B, 1, T, S] additive (0: visible); the cache [L, slots, Hkv, C, D], the
   // batch in slots [row0, row1), this step's keys written at positions [B, T], S = kv_len keys read.
   Tensor forward(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& mask, const Tensor& cache_k,
                  const Tensor& cache_v, int64_t row0, int64_t row1, const Tensor& batch_index,
                  const Tensor& positions, int64_t kv_len) const {
     const int64_t b = x.size(0), t = x.size(1), width = x.size(2), d = head_dim_;
+    const Visible seen(mask);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
       auto qkv = layer.qkv(at::rms_norm(x, {width}, layer.norm0, eps_));
@@ -83,8 +458,8 @@ class Layers {
       auto values = cache_v.select(0, static_cast<int64_t>(i)).slice(0, row0, row1);
       keys.index_put_({batch_index, Slice(), positions}, k.transpose(1, 2));
       values.index_put_({batch_index, Slice(), positions}, v.transpose(1, 2));
-      auto attn = attention(q, keys.slice(2, 0, kv_len), values.slice(2, 0, kv_len), mask);
-      x = x + layer.o(attn.transpose(1, 2).reshape({b, t, heads_ * d}));
+      auto attn = visible_attention(q, keys, values, seen, scale_, false);  // [B, T, H, D]
+      x = x + layer.o(attn.reshape({b, t, heads_ * d}));
       auto gate_up = layer.gate_up(at::rms_norm(x, {width}, layer.norm1, eps_)).split(intermediate_, -1);
       x = x + layer.down(at::silu(gate_up[0]) * gate_up[1]);
     }
@@ -92,22 +467,6 @@ class Layers {
   }
 
  private:
-  // engine/int4.py attention(), call for call: float64; SDPA for one token per sequence or a prompt,
-  // matmuls and a softmax for a tree of up to kTreeAttentionRows tokens.
-  Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) const {
-    const int64_t b = q.size(0), t = q.size(2), d = q.size(3), keys = k.size(2), group = heads_ / kv_heads_;
-    if (t == 1 || t > kTreeAttentionRows) {
-      return at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), mask, 0.0,
-                                              false, scale_, true)
-          .to(at::kFloat);
-    }
-    auto queries = q.to(at::kDouble).reshape({b, kv_heads_, group * t, d});  // each kv head's query heads
-    auto scores = at::matmul(queries, k.to(at::kDouble).transpose(-1, -2)).mul_(scale_);
-    scores = scores.view({b, kv_heads_, group, t, keys}).add_(mask.unsqueeze(1));
-    auto probs = at::softmax(scores, -1).view({b, kv_heads_, group * t, keys});
-    return at::matmul(probs, v.to(at::kDouble)).view({b, heads_, t, d}).to(at::kFloat);
-  }
-
   int64_t heads_, kv_heads_, head_dim_, intermediate_;
   double eps_, scale_;
   std::vector<Layer> layers_;
@@ -116,6 +475,9 @@ class Layers {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("has_vnni", &has_vnni);
+  m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<Layers>(m, "Layers")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add", &Layers::add)

@@ -4,6 +4,7 @@ loaded)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from config.settings import Settings
 from engine.adaptive import CostTable, TreeChooser, nested_family
 from engine.calibration import cost_table
 from engine.decode import Engine
-from engine.int4 import Int4Llama
+from engine.int4 import NATIVE_SOURCE, Int4Llama
 from engine.messages import ServedInfo
 from engine.tree import ROOT, Tree, load_tree, preset
 from load_medusa_from_hf import heads_tree, load_medusa_model
@@ -66,6 +67,8 @@ def step_costs(settings: Settings, engine: Engine) -> CostTable:
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed,
            "weights": engine.model.weights,
+           "kernel": hashlib.sha256(NATIVE_SOURCE.read_bytes()).hexdigest() if isinstance(engine.model.runner, Int4Llama)
+           else None,  # the int4 kernel's source: a new one times its steps again
            "tp_size": settings.resolved_tp_size(), "cuda_graphs": engine.cuda_graphs,
            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "deepspeed")}}
     return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=64, help="prompts written to --out at a time")
     parser.add_argument("--self-prompts", type=int, default=0, help="questions the model writes for itself first")
     parser.add_argument("--limit", type=int, help="only the first N prompts (a smoke run)")
+    parser.add_argument("--held-out-only", action="store_true", help="only the held-out prompts (to evaluate heads "
+                        "and tune trees on the weights served now, without distilling training data)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int4", "none"],
                         help="the weights answered with (auto: what the service serves, the GGUF's int4 on the CPU)")
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = chat_prompts()
     if args.self_prompts:
         prompts += self_prompts(engine, tokenizer, args.self_prompts)
+    if args.held_out_only:
+        prompts = [p for p in prompts if p.held_out]
     prompts = prompts[: args.limit]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = set()

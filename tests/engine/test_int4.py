@@ -1,8 +1,9 @@
-"""QUANTIZE: int4 weights through PyTorch's int4 CPU kernel, either the GGUF file's own blocks
-(`gguf`, the default model's default) or a float model quantised at load (`int4`). The blocks are the
-file's weights; each kernel gives a row the same bits whatever rows are beside it; and greedy
-speculative == standard == Hugging Face generate() on the same int4 weights, at batch 1 and 8, with
-seeded sampling equal too."""
+"""QUANTIZE: int4 weights through the project's int4 kernel (engine/int4_layers.cpp), either the GGUF
+file's own blocks (`gguf`, the default model's default) or a float model quantised at load (`int4`).
+The kernel computes with the file's weights exactly and 8-bit activations; its AVX-512 loop gives the
+portable loop's bits; a row's result does not depend on the rows beside it; and greedy speculative ==
+standard == Hugging Face generate() on the same int4 weights, at batch 1 and 8, with seeded sampling
+equal too."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from engine.decode import Engine
 from engine.int4 import (
     GROUP,
-    KERNEL_DTYPE,
-    TREE_ATTENTION_ROWS,
+    Blocks,
     Int4Error,
     Int4Linear,
     Int4Llama,
+    attention,
     blocks_of,
-    file_blocks,
+    kernel,
     native_extension,
     quantize,
 )
@@ -36,62 +37,113 @@ from engine.messages import Request, SamplingParams
 from engine.tree import ROOT, preset
 from load_medusa_from_hf import ModelError, ModelSource, heads_tree, int4_model, load_medusa_model
 
-QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string.",
+QUESTIONS = ["What is 2 + 2?", "Write a Python function that reverses a string.",
              "Give me three tips for better sleep.", "Explain photosynthesis in simple terms.",
              "List four uses of a paperclip.", "Rewrite this more politely: send me the report now.",
              "What is 17 times 3?", "Compare cats and dogs as pets."]
+KINDS = ["Q4_0", "Q4_1", "Q8_0"]
 
 
-def reconstructed(parts, dtype=np.float32) -> np.ndarray:
-    """The weight the kernel computes with: sum over parts of (q - 8) s + z, s and z in bf16 as it keeps them."""
-    def kept(a):
-        return np.repeat(torch.from_numpy(a).to(KERNEL_DTYPE).float().numpy(), GROUP, axis=1)
+def file_linear(kind: str, n: int, k: int, seed: int = 0) -> tuple[Int4Linear, np.ndarray]:
+    """An Int4Linear over gguf-quantised random weights, and those weights dequantised (fp32)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    blocks = Blocks(kind, quants.quantize(w, GGMLQuantizationType[kind]).reshape(n, -1))
+    return Int4Linear(blocks), blocks.dequantize()
 
-    return sum((p.q.astype(np.int32) - 8) * kept(p.scales) + kept(p.zeros) for p in parts)
+
+def quantised_activations(x: torch.Tensor) -> np.ndarray:
+    """x as the kernel quantises it, in float64: per block of 32, d = max|x| / 127, q = round(x / d)."""
+    blocks = x.double().numpy().reshape(len(x), -1, GROUP)
+    d = (np.abs(blocks).max(-1, keepdims=True).astype(np.float32) / np.float32(127)).astype(np.float64)
+    q = np.clip(np.rint(blocks.astype(np.float32) * (1 / d.astype(np.float32))), -127, 127)
+    return (q * d).reshape(x.shape)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-def test_the_blocks_are_the_files_weights(kind):
-    """The nibbles are the file's; only the fp16 scales (and Q4_1's m + 8 d) are rounded, to bf16."""
-    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
-    qtype = GGMLQuantizationType[kind]
-    data = quants.quantize(w, qtype)
-    exact = quants.dequantize(data, qtype)
-    parts = file_blocks(kind, data, 64)
-    unrounded = sum((p.q.astype(np.int32) - 8) * np.repeat(p.scales, GROUP, axis=1) + np.repeat(p.zeros, GROUP, axis=1)
-                    for p in parts)
-    np.testing.assert_allclose(unrounded, exact, rtol=0, atol=1e-6 * np.abs(exact).max())  # the blocks as read
-    ours = reconstructed(parts)
-    bound = sum(np.abs(p.q.astype(np.int32) - 8) * np.repeat(np.abs(p.scales), GROUP, axis=1) + np.repeat(np.abs(p.zeros), GROUP, axis=1)
-                for p in parts) * 2**-8  # bf16 keeps 8 bits: half a step is 2^-9 of each scale and zero
-    assert np.all(np.abs(ours - exact) <= bound + 1e-6)
-    x = torch.randn(5, 128)
-    expected = x.to(KERNEL_DTYPE).float() @ torch.from_numpy(ours).float().T  # the kernel takes bf16 activations
-    torch.testing.assert_close(Int4Linear(parts)(x), expected, rtol=1e-2, atol=2e-2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_kernel_computes_with_the_files_weights_and_8_bit_activations(kind):
+    """y = x8 W^T with W exactly the file's dequantised weights (gguf.quants) and x8 the activations
+    quantised per block of 32 (as llama.cpp does): only fp32 accumulation rounds, over 40 columns (a
+    partial group of 16 too) and 96 inputs."""
+    linear, w = file_linear(kind, 40, 96)
+    x = torch.randn(5, 96)
+    expected = quantised_activations(x) @ w.astype(np.float64).T
+    np.testing.assert_allclose(linear(x).double().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    exact = x.double().numpy() @ w.astype(np.float64).T  # the 8-bit activations' own error is ~1%
+    assert np.abs(linear(x).double().numpy() - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_vectorised_loop_gives_the_portable_loops_bits(kind):
+    if not kernel().has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the portable loop is the only one")
+    linear, _ = file_linear(kind, 48, 1536)
+    x = torch.randn(7, 1536) * torch.logspace(-3, 2, 1536)  # blocks of very different scales
+    fast = linear(x)
+    linear.portable = True
+    assert torch.equal(linear(x), fast)
 
 
 def test_quantising_a_float_weight_stays_within_half_a_step():
+    """QUANTIZE=int4: gguf's own Q4_1 quantiser (llama.cpp's rounding; d and m kept in fp16 add a little)."""
     w = torch.randn(48, 96)
     b = quantize(w)
-    step = np.repeat(b.scales, GROUP, axis=1)
-    assert b.q.min() >= 0 and b.q.max() <= 15
-    assert np.all(np.abs(reconstructed([b]) - w.numpy()) <= 0.5 * step + 1e-5)
+    assert b.kind == "Q4_1"
+    d = b.data.reshape(48, 3, 20)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    assert np.all(np.abs(b.dequantize() - w.numpy()) <= 0.51 * np.repeat(d, GROUP, axis=1))
 
 
-@pytest.mark.parametrize("parts", ["one", "two halves (Q8_0)"])
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(parts):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     """At the row counts the engine sends (batch x tokens verified, up to 16 x 64), bitwise."""
     torch.manual_seed(0)
-    if parts == "one":
-        linear = Int4Linear([quantize(torch.randn(192, 576))])
-    else:
-        data = quants.quantize(np.random.default_rng(1).standard_normal((192, 576)).astype(np.float32),
-                               GGMLQuantizationType.Q8_0)
-        linear = Int4Linear(file_blocks("Q8_0", data, 192))
+    linear, _ = file_linear(kind, 192, 576, seed=1)
     x = torch.randn(1024, 576)
     alone = torch.cat([linear(x[i : i + 1]) for i in range(len(x))])
     for rows in (2, 3, 4, 5, 8, 16, 17, 64, 80, 1024):
         assert torch.equal(linear(x[:rows]), alone[:rows]), rows
+
+
+def attention_case(t: int = 5, cached: int = 37, seed: int = 0):
+    """q [2, 9, t, 64], keys and values [2, 3, cached + t + 3, 64] with a tree's mask: query i sees the
+    `cached` committed keys, then the tree slots of its path (node i's parent is (i - 1) // 2)."""
+    g = torch.Generator().manual_seed(seed)
+    slots = cached + t + 3
+    q, k, v = (torch.randn(2, h, n, 64, generator=g) for h, n in ((9, t), (3, slots), (3, slots)))
+    visible = torch.zeros(t, slots, dtype=torch.bool)
+    visible[:, :cached] = True
+    for i in range(t):
+        node = i
+        while True:
+            visible[i, cached + node] = True
+            if node == 0:
+                break
+            node = (node - 1) // 2
+    mask = torch.zeros(2, 1, t, slots).masked_fill(~visible, torch.finfo(torch.float32).min)
+    return q, k, v, mask, visible
+
+
+def test_attention_is_softmax_attention_over_the_visible_keys():
+    q, k, v, mask, _ = attention_case()
+    ours = attention(q, k, v, mask, 0.125)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                                 attn_mask=mask.double(), scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(ours.double(), reference.transpose(1, 2), rtol=0, atol=1e-5)
+
+
+def test_a_querys_attention_depends_only_on_its_visible_keys_in_order():
+    """A tree node gives the bits of the standard step that decodes the same token: the same keys in
+    the same order, but contiguous, in other slots, with no hidden slots between them."""
+    q, k, v, mask, visible = attention_case()
+    tree = attention(q, k, v, mask, 0.125)
+    for i in range(q.shape[2]):
+        slots = visible[i].nonzero()[:, 0]
+        alone = attention(q[:, :, i : i + 1], k[:, :, slots], v[:, :, slots], torch.zeros(2, 1, 1, len(slots)), 0.125)
+        assert torch.equal(tree[:, i : i + 1], alone), i
+
+
+def test_the_vectorised_attention_gives_the_portable_bits():
+    q, k, v, mask, _ = attention_case(t=9, cached=300)
+    assert torch.equal(kernel().attention(q, k, v, mask, 0.125, False), kernel().attention(q, k, v, mask, 0.125, True))
 
 
 def test_an_unsupported_gguf_type_is_a_clear_error():
@@ -143,7 +195,7 @@ def toy_int4(toy):
 
 def test_a_float_model_quantised_at_load_decodes_exactly(toy_int4, prompts):
     model, tokenizer = toy_int4
-    assert isinstance(model.runner, Int4Llama) and "quantised at load to int4" in model.weights
+    assert isinstance(model.runner, Int4Llama) and "quantised at load to Q4_1" in model.weights
     requests = [Request(str(i), p, max_new_tokens=24) for i, p in enumerate(prompts)]
     standard = Engine(model, tokenizer, tree=ROOT, max_batch_size=8, eos_token_ids=[]).generate(requests)
     speculative = Engine(model, tokenizer, tree=preset("mc_sim_7b_63"), max_batch_size=8,
@@ -173,10 +225,11 @@ def test_the_default_model_on_its_own_blocks(default_int4):
     """Greedy speculative == standard; each token is the argmax of the int4 forward over the whole
     sequence without the engine's cache (teacher-forced, another path through the same weights); and
     HF's own forward on the same int4 matrices gives nearly the same logits (its attention, norms and
-    RoPE round differently, and bf16 projections let such bits grow)."""
+    RoPE round differently, and where such a bit moves an activation across an 8-bit step the
+    difference grows)."""
     model, tokenizer = default_int4
-    assert model.weights == ("GGUF SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1): its own 4-bit "
-                             "blocks in PyTorch's int4 CPU kernel, embeddings and norms in float32; its decoder "
+    assert model.weights == ("GGUF SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1): its own blocks "
+                             "in the int4 kernel (8-bit activations), embeddings and norms in float32; its decoder "
                              "layers in C++")
     prompts = default_prompts(tokenizer)[:3]
     requests = [Request(str(i), p, max_new_tokens=32) for i, p in enumerate(prompts)]
@@ -188,25 +241,24 @@ def test_the_default_model_on_its_own_blocks(default_int4):
         ours = model.runner(ids).logits[0, len(p) - 1 : -1]
         assert ours.argmax(-1).tolist() == std.tokens
         hf = model.model(ids).logits[0, len(p) - 1 : -1]
-        assert (hf.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9 and (hf - ours).abs().max() < 1.0
+        assert (hf.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9 and (hf - ours).abs().max() < 3.0
     assert sum(s.decode_tokens for s in speculative) > sum(s.decode_steps for s in speculative)
-    assert tokenizer.decode(standard[0].tokens, skip_special_tokens=True) == "The capital of France is Paris."
+    assert tokenizer.decode(standard[0].tokens, skip_special_tokens=True) == "The answer to this classic math problem is 4."  # golden
 
 
 def tree_step(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(tree mask [T, T], depths [T]) for each attention branch: one token per sequence (SDPA), a
-    root with two children (matmuls), and a chain longer than TREE_ATTENTION_ROWS (SDPA again)."""
+    root with two children, and a chain of 70 (a prompt's forward)."""
     if kind == "tree":
         return torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool), torch.tensor([0, 1, 1])
-    t = 1 if kind == "one token" else TREE_ATTENTION_ROWS + 6
+    t = 1 if kind == "one token" else 70
     return torch.tril(torch.ones(t, t, dtype=torch.bool)), torch.arange(t)
 
 
 @pytest.mark.parametrize("kind", ["one token", "tree", "long chain"])
 def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
     """int4_layers.cpp makes Int4Layer.forward's ATen calls in C++: the same logits and the same cache,
-    bit for bit, for a step of two sequences with different cached lengths, in slots 1 and 2 of three,
-    through each branch of attention()."""
+    bit for bit, for a step of two sequences with different cached lengths, in slots 1 and 2 of three."""
     model, _ = default_int4
     runner, config = model.runner, model.config
     assert runner.native is not None, "the C++ layers were not built (see the log)"
@@ -231,8 +283,11 @@ def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
         assert torch.equal(a, b)
 
 
-def test_without_a_compiler_the_python_layers_run_and_the_log_says_so(monkeypatch, caplog):
+def test_without_a_compiler_int4_is_a_clear_error_and_auto_serves_fp32(monkeypatch, caplog):
     from torch.utils import cpp_extension
+
+    import engine.int4
+    import load_medusa_from_hf
 
     def no_compiler(*args, **kwargs):
         raise OSError("g++: not found")
@@ -240,7 +295,15 @@ def test_without_a_compiler_the_python_layers_run_and_the_log_says_so(monkeypatc
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger="medusa.engine"):
         assert native_extension.__wrapped__() is None  # the cached build aside
-    assert "the int4 layers run in Python (slower)" in caplog.text and "g++: not found" in caplog.text
+    assert "the int4 kernel could not be built (QUANTIZE=auto serves fp32 instead)" in caplog.text
+    assert "g++: not found" in caplog.text
+    unbuilt = native_extension.__wrapped__
+    monkeypatch.setattr(engine.int4, "native_extension", unbuilt)
+    monkeypatch.setattr(load_medusa_from_hf, "native_extension", unbuilt)
+    gguf = ModelSource("/m", "m.gguf", (("Q4_1", 210), ("F32", 61), ("Q8_0", 1)))
+    assert gguf.quantize_mode("auto", "cpu") == "none"
+    with pytest.raises(ModelError, match="need the int4 kernel, which is built at first use with a C\\+\\+ compiler"):
+        gguf.quantize_mode("gguf", "cpu")
 
 
 def test_the_layers_benchmark_times_both_and_restores_the_c_layers(default_int4):
