@@ -37,6 +37,7 @@ from engine.int4 import (
     Int4Error,
     Int4Linear,
     Int4Llama,
+    Int8Drafts,
     file_supports,
     file_weights,
     float_weights,
@@ -340,7 +341,8 @@ def load_medusa_model(
 def int4_model(model, heads: MedusaHeads | None, source: ModelSource, quantize: str, dtype: torch.dtype
                ) -> MedusaModel:
     """The model served through int4.Int4Llama; HF's own modules are swapped to the same int4 weights
-    (a reference for tests), and the heads keep projecting through the float lm_head."""
+    (a reference for tests). Heads sharing the lm_head draft through the kernel too: their matrices
+    in Q8_0 (int4.Int8Drafts), projected through the int4 lm_head's rows."""
     if not isinstance(model, LlamaForCausalLM):
         raise ModelError(f"QUANTIZE={quantize} serves Llama-family models; this one is {type(model).__name__}")
     if quantize == "gguf":
@@ -349,14 +351,14 @@ def int4_model(model, heads: MedusaHeads | None, source: ModelSource, quantize: 
         weights = float_weights(model)
     table = model.get_output_embeddings()  # the float lm_head (for tied embeddings: the embedding table)
     runner = Int4Llama(model, weights)
-    projection = None
+    projection = drafts = None
     if heads is not None and heads.config.shares_lm_head:  # their drafts through the same rows, in int4
         rows = None if heads.token_map is None else heads.token_map.cpu().numpy()
         projection = runner.lm_head if rows is None else Int4Linear(weights[LM_HEAD].rows(rows))
+        drafts = Int8Drafts(heads)
     swap_linears(model, weights)
     return MedusaModel(model, heads, runner, 1, f"{source.describe(dtype, quantize)}; its decoder layers in C++",
-                       lm_head=table,
-                       head_projection=projection)
+                       lm_head=table, head_projection=projection, drafts=drafts)
 
 
 def main() -> None:

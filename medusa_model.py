@@ -131,7 +131,7 @@ class MedusaModel:
 
     def __init__(self, model: PreTrainedModel, heads: MedusaHeads | None = None, runner: nn.Module | None = None,
                  tp_size: int = 1, weights: str = "", lm_head: nn.Linear | None = None,
-                 head_projection: nn.Module | None = None):
+                 head_projection: nn.Module | None = None, drafts: nn.Module | None = None):
         self.model = model
         self.weights = weights  # where the base weights came from, and in which form they are served
         self.heads = heads
@@ -140,6 +140,8 @@ class MedusaModel:
         self.lm_head = lm_head if lm_head is not None else model.get_output_embeddings()
         # set: heads sharing the lm_head project their drafts through this instead (int4: the same rows, in int4)
         self.head_projection = head_projection
+        # set: the heads' drafts before the projection (int4: their matrices in the kernel, int4.Int8Drafts)
+        self.drafts = drafts
         self.tp_size = tp_size  # tensor-parallel ranks: each holds 1/tp_size of the attention heads
 
     @property
@@ -191,7 +193,8 @@ class MedusaModel:
         if self.heads.config.reads_root_token:
             root = self.model.get_input_embeddings()(roots).to(hidden.dtype)
         if self.head_projection is not None:
-            return self.head_projection(self.heads(hidden, None, root))
+            drafts = self.drafts(hidden, root) if self.drafts is not None else self.heads(hidden, None, root)
+            return self.head_projection(drafts)
         return self.heads(hidden, self.lm_head, root)
 
     def head_topk(self, hidden: torch.Tensor, k: int, roots: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,7 +29,6 @@
 namespace {
 
 using at::Tensor;
-using at::indexing::Slice;
 
 constexpr int64_t kBlock = 32;  // weights per GGUF block, activations per scale
 constexpr int64_t kCols = 16;   // output columns interleaved per group
@@ -139,27 +138,32 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Act
   const int64_t nb = a.blocks;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i wv[8];
     if constexpr (kind == kQ4) {
+#pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
         const __m512i v = _mm512_loadu_si512(w + (b * 4 + p) * 64);
         wv[p] = _mm512_and_si512(v, low);
         wv[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
     } else {
+#pragma GCC unroll 8
       for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(w + (b * 8 + g) * 64);
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + b * kCols)));
     __m512 m = _mm512_setzero_ps();
     if constexpr (kind == kQ4) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mw + b * kCols)));
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = row * nb + b;
       const int8_t* xq = a.q.data() + row * a.k + b * kBlock;
       // two chains of vpdpbusd (integer sums: the order does not change them)
       __m512i even = kind == kQ8 ? _mm512_set1_epi32(-128 * a.sum[at]) : _mm512_setzero_si512();
       __m512i odd = _mm512_setzero_si512();
+#pragma GCC unroll 4
       for (int g = 0; g < 8; g += 2) {
         int32_t x0, x1;
         std::memcpy(&x0, xq + g * 4, 4);
@@ -174,6 +178,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Act
     }
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * ldy, keep, acc[r]);
 }
 
@@ -269,6 +274,29 @@ inline float tree_sum(const float* lanes) {
   return s2a + s2b;
 }
 
+// tree_sum of 16 vectors at once, the same additions in the same pairs: lanes i and i + 8 of two vectors
+// side by side (shuffle_f32x4), then i + 4, + 2, + 1; key n's sum ends in lane (n % 4) * 4 + n / 4,
+// and the last permutation puts it in lane n.
+__attribute__((target("avx512f"))) inline __m512 tree_sums_avx512(const __m512* a) {
+  constexpr int kLow8 = _MM_SHUFFLE(1, 0, 1, 0), kHigh8 = _MM_SHUFFLE(3, 2, 3, 2);
+  constexpr int kEven = _MM_SHUFFLE(2, 0, 2, 0), kOdd = _MM_SHUFFLE(3, 1, 3, 1);
+  __m512 v[8], w[4], u[2];
+  for (int p = 0; p < 8; ++p) {
+    v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], kLow8),
+                         _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], kHigh8));
+  }
+  for (int p = 0; p < 4; ++p) {
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], kEven),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], kOdd));
+  }
+  for (int p = 0; p < 2; ++p) {
+    u[p] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * p], w[2 * p + 1], kLow8),
+                         _mm512_shuffle_ps(w[2 * p], w[2 * p + 1], kHigh8));
+  }
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], kEven), _mm512_shuffle_ps(u[0], u[1], kOdd));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), r);
+}
+
 __attribute__((target("avx512f"))) inline float tree_sum_avx512(__m512 v) {
   alignas(64) float lanes[kLanes];
   _mm512_store_ps(lanes, v);
@@ -313,11 +341,18 @@ __attribute__((target("avx512f"))) void attend_avx512(const float* q, const floa
   const int64_t chunks = d / kLanes;
   __m512 qv[kMaxHeadDim / kLanes];
   for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(q + c * kLanes);
-  for (int64_t n = 0; n < count; ++n) {
-    const float* k = keys + visible[n] * key_stride;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-    for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * kLanes), acc);
-    scores[n] = tree_sum_avx512(acc) * scale;
+  for (int64_t n0 = 0; n0 < count; n0 += kLanes) {  // 16 keys at a time, each key's sum in its own vector
+    const int64_t here = std::min(kLanes, count - n0);
+    __m512 acc[kLanes];
+    for (int64_t n = 0; n < kLanes; ++n) {
+      acc[n] = _mm512_setzero_ps();
+      if (n >= here) continue;
+      const float* k = keys + visible[n0 + n] * key_stride;
+      acc[n] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+      for (int64_t c = 1; c < chunks; ++c) acc[n] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * kLanes), acc[n]);
+    }
+    const __mmask16 live = here == kLanes ? 0xFFFF : static_cast<__mmask16>((1u << here) - 1);
+    _mm512_mask_storeu_ps(scores + n0, live, _mm512_mul_ps(tree_sums_avx512(acc), _mm512_set1_ps(scale)));
   }
   float top = -INFINITY;
   for (int64_t n = 0; n < count; ++n) top = std::max(top, scores[n]);
@@ -420,9 +455,73 @@ struct Layer {
   Linear qkv, o, gate_up, down;
 };
 
-// HF Llama's RoPE with the sign of rotate_half folded into sin (engine/int4.py rotate).
-Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin) {
-  return at::addcmul(x * cos, at::roll(x, {x.size(-1) / 2}, {-1}), sin);
+// ---- the small per-row operations: one loop each instead of several ATen calls ------------------------
+
+// RMSNorm of each row of x [.., W]: x / sqrt(mean(x^2) + eps) * w, the squares summed in 16 lanes
+// (element i in lane i mod 16), then tree_sum.
+inline Tensor rms_norm(const Tensor& x_in, const Tensor& weight_in, double eps) {
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && width % kLanes == 0, "rms_norm: float32 rows of a multiple of 16");
+  auto y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps), n = static_cast<float>(width);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* v = xp + r * width;
+      float lanes[kLanes] = {};
+      for (int64_t i = 0; i < width; i += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += v[i + l] * v[i + l];
+      }
+      const float inverse = 1.f / std::sqrt(tree_sum(lanes) / n + e);
+      for (int64_t i = 0; i < width; ++i) yp[r * width + i] = v[i] * inverse * wp[i];
+    }
+  });
+  return y;
+}
+
+// HF Llama's RoPE (halves rotated, not interleaved pairs) on x [B, S, T, D] (any strides): x cos +
+// rotate_half(x) sin, with the sign of rotate_half folded into sin [B, 1, T, D]. Returns it contiguous.
+inline Tensor rotate(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in) {
+  const auto cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const int64_t b = x.size(0), heads = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(3) == 1, "rotate: float32, rows contiguous in D");
+  auto y = at::empty({b, heads, t, d}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t ti = 0; ti < t; ++ti) {
+        const float* v = xp + bi * x.stride(0) + h * x.stride(1) + ti * x.stride(2);
+        const float *c = cp + (bi * t + ti) * d, *s = sp + (bi * t + ti) * d;
+        float* out = yp + ((bi * heads + h) * t + ti) * d;
+        for (int64_t i = 0; i < d; ++i) out[i] = v[i] * c[i] + v[(i + half) % d] * s[i];
+      }
+    }
+  }
+  return y;
+}
+
+// cache [slots, Hkv, C, D] (one layer, the batch's slots first): cache[b, :, positions[b, t]] = x[b, :, t].
+inline void write_cache(const Tensor& cache, const Tensor& x, const Tensor& positions_in) {
+  const auto positions = positions_in.to(at::kLong).contiguous();
+  const int64_t b = x.size(0), heads = x.size(1), t = x.size(2), d = x.size(3);
+  TORCH_CHECK(cache.stride(3) == 1 && x.stride(3) == 1, "write_cache: rows contiguous in D");
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  float* cp = cache.data_ptr<float>();
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t ti = 0; ti < t; ++ti) {
+      const int64_t p = pp[bi * t + ti];
+      TORCH_CHECK(p >= 0 && p < cache.size(2), "a cache position out of range");
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(cp + bi * cache.stride(0) + h * cache.stride(1) + p * cache.stride(2),
+                    xp + bi * x.stride(0) + h * x.stride(1) + ti * x.stride(2), d * sizeof(float));
+      }
+    }
+  }
 }
 
 class Layers {
@@ -445,22 +544,22 @@ class Layers {
   Tensor forward(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& mask, const Tensor& cache_k,
                  const Tensor& cache_v, int64_t row0, int64_t row1, const Tensor& batch_index,
                  const Tensor& positions, int64_t kv_len) const {
-    const int64_t b = x.size(0), t = x.size(1), width = x.size(2), d = head_dim_;
+    const int64_t b = x.size(0), t = x.size(1), d = head_dim_;
     const Visible seen(mask);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
-      auto qkv = layer.qkv(at::rms_norm(x, {width}, layer.norm0, eps_));
+      auto qkv = layer.qkv(rms_norm(x, layer.norm0, eps_));
       qkv = qkv.view({b, t, heads_ + 2 * kv_heads_, d}).transpose(1, 2);
       auto qk = rotate(qkv.slice(1, 0, heads_ + kv_heads_), cos, sin);
       auto q = qk.slice(1, 0, heads_), k = qk.slice(1, heads_, heads_ + kv_heads_);
       auto v = qkv.slice(1, heads_ + kv_heads_);
       auto keys = cache_k.select(0, static_cast<int64_t>(i)).slice(0, row0, row1);  // [B, Hkv, C, D]
       auto values = cache_v.select(0, static_cast<int64_t>(i)).slice(0, row0, row1);
-      keys.index_put_({batch_index, Slice(), positions}, k.transpose(1, 2));
-      values.index_put_({batch_index, Slice(), positions}, v.transpose(1, 2));
+      write_cache(keys, k, positions);
+      write_cache(values, v, positions);
       auto attn = visible_attention(q, keys, values, seen, scale_, false);  // [B, T, H, D]
       x = x + layer.o(attn.reshape({b, t, heads_ * d}));
-      auto gate_up = layer.gate_up(at::rms_norm(x, {width}, layer.norm1, eps_)).split(intermediate_, -1);
+      auto gate_up = layer.gate_up(rms_norm(x, layer.norm1, eps_)).split(intermediate_, -1);
       x = x + layer.down(at::silu(gate_up[0]) * gate_up[1]);
     }
     return x;
@@ -478,6 +577,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("has_vnni", &has_vnni);
   m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rotate", &rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<Layers>(m, "Layers")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add", &Layers::add)

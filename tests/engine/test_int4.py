@@ -17,6 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from bench import int4_kernel
 from bench.int4_layers import compare
 from config.settings import DEFAULT_HEADS, DEFAULT_MODEL
 from engine.decode import Engine
@@ -146,6 +147,17 @@ def test_the_vectorised_attention_gives_the_portable_bits():
     assert torch.equal(kernel().attention(q, k, v, mask, 0.125, False), kernel().attention(q, k, v, mask, 0.125, True))
 
 
+def test_the_kernels_norm_and_rope_are_llamas():
+    """rms_norm and rotate: one loop each in int4_layers.cpp, for what HF Llama computes (up to rounding)."""
+    x, w = torch.randn(3, 5, 576), torch.randn(576)
+    expected = torch.nn.functional.rms_norm(x.double(), (576,), w.double(), 1e-5)
+    torch.testing.assert_close(kernel().rms_norm(x, w, 1e-5).double(), expected, rtol=1e-6, atol=1e-5)
+    q = torch.randn(2, 4, 3, 64).transpose(1, 2)  # [B, heads, T, D], not contiguous
+    cos, sin = torch.randn(2, 1, 4, 64), torch.randn(2, 1, 4, 64)
+    expected = q.double() * cos.double() + q.double().roll(32, dims=-1) * sin.double()
+    torch.testing.assert_close(kernel().rotate(q, cos, sin).double(), expected, rtol=1e-6, atol=1e-5)
+
+
 def test_an_unsupported_gguf_type_is_a_clear_error():
     data = quants.quantize(np.ones((32, 64), dtype=np.float32), GGMLQuantizationType.Q5_0)
 
@@ -256,6 +268,21 @@ def tree_step(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["one token", "tree", "long chain"])
+def test_the_heads_draft_in_q8_nearly_as_in_float(default_int4):
+    """int4.Int8Drafts: the heads' matrices in Q8_0 through the kernel. Drafts only propose (what
+    verification accepts is exact either way), so close is enough: nearly the same top-1 tokens."""
+    model, _ = default_int4
+    torch.manual_seed(0)
+    hidden = torch.randn(64, model.config.hidden_size) * 3
+    root = model.model.get_input_embeddings()(torch.randint(0, model.config.vocab_size, (64,)))
+    with torch.inference_mode():
+        ours = model.drafts(hidden, root)
+        floats = model.heads(hidden, None, root)
+        assert (ours - floats).norm() < 0.02 * floats.norm()
+        same = model.head_projection(ours).argmax(-1) == model.head_projection(floats).argmax(-1)
+    assert same.float().mean() > 0.9
+
+
 def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
     """int4_layers.cpp makes Int4Layer.forward's ATen calls in C++: the same logits and the same cache,
     bit for bit, for a step of two sequences with different cached lengths, in slots 1 and 2 of three."""
@@ -312,6 +339,11 @@ def test_the_layers_benchmark_times_both_and_restores_the_c_layers(default_int4)
     [row] = compare(model, shapes=[(8, 2, 3)], reps=1, inner=1)
     assert (row["L"], row["B"], row["T"]) == (8, 2, 3) and row["C++"] > 0 and row["Python"] > 0
     assert model.runner.native is native
+
+
+def test_the_kernel_benchmark_times_both_kernels():
+    [one, two] = int4_kernel.compare([1, 2], reps=1, layers=1)
+    assert (one["rows"], two["rows"]) == (1, 2) and all(r["ours"] > 0 and r["aten"] > 0 for r in (one, two))
 
 
 def test_batch_1_and_8_and_seeded_sampling_agree_on_the_default_model(default_int4):
