@@ -30,7 +30,7 @@ GOLDEN = {  # greedy, 48 new tokens, the chat template's default system prompt, 
     QUESTIONS[0]: "The capital of France is Paris.",
 }
 # the same on the file's own blocks (QUANTIZE=gguf, the CPU default; it answers the question above in French)
-INT4_GOLDEN = ("What is 2 + 2?", "The answer to this classic math problem is 4.")
+INT4_GOLDEN = ("What is 2 + 2?", "The answer is 4.")
 
 
 @pytest.fixture(scope="module")
