@@ -268,7 +268,7 @@ class Int8Drafts(nn.Module):
 
 
 class Int4Layer(nn.Module):
-    """One decoder layer: RMSNorm, fused q/k/v, RoPE, SDPA over the cache, o; RMSNorm, fused gate/up, down."""
+    """One decoder layer: RMSNorm, fused q/k/v, RoPE, attention over the cache, o; RMSNorm, fused gate/up, down."""
 
     def __init__(self, hf_layer, weights: dict[str, Blocks], prefix: str, config):
         super().__init__()

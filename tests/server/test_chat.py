@@ -17,7 +17,7 @@ from config.settings import DEFAULT_MODEL
 from load_medusa_from_hf import resolve_model
 from tests.http_helpers import assert_error
 
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]  # the int4 default answers it in one short sentence
 CONVERSATION = [  # three turns: the answer to the last is generated
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Name a colour."},
@@ -60,7 +60,7 @@ def test_greedy_speculative_chat_equals_standard_and_ends_at_the_end_of_turn(cha
     body = {"messages": MESSAGES, "max_tokens": 48}
     answers = [chat_http.post("/v1/chat/completions", json={**body, "speculative": s}).json() for s in (False, True)]
     assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
-    assert answers[1]["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    assert answers[1]["choices"][0]["message"]["content"] == "The answer is 4."
     assert answers[1]["choices"][0]["finish_reason"] == "stop"  # <|im_end|> ended it, and is not in the content
     assert answers[0]["metrics"]["accepted_tokens_per_step"] == 1.0
 
