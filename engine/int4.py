@@ -139,13 +139,13 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def quantize(weight: torch.Tensor) -> Blocks:
-    """QUANTIZE=int4: a float [N, K] weight quantised to Q4_1 blocks by gguf's own quantiser (llama.cpp's
-    rounding: per block of 32, d = (max - min) / 15, m = min)."""
+def quantize(weight: torch.Tensor, kind: str = "Q4_1") -> Blocks:
+    """A float [N, K] weight quantised to GGUF blocks by gguf's own quantiser (llama.cpp's rounding;
+    QUANTIZE=int4: Q4_1, per block of 32 d = (max - min) / 15, m = min)."""
     from gguf import GGMLQuantizationType, quants
 
     w = weight.detach().float().numpy()
-    return Blocks("Q4_1", quants.quantize(w, GGMLQuantizationType.Q4_1).reshape(len(w), -1))
+    return Blocks(kind, quants.quantize(w, GGMLQuantizationType[kind]).reshape(len(w), -1))
 
 
 # ---- the model's weights as 4-bit blocks -------------------------------------------------------------
@@ -244,10 +244,7 @@ class Int8Drafts(nn.Module):
         super().__init__()
 
         def q8(weight: torch.Tensor) -> Int4Linear:
-            from gguf import GGMLQuantizationType, quants
-
-            w = weight.detach().float().numpy()
-            return Int4Linear(Blocks("Q8_0", quants.quantize(w, GGMLQuantizationType.Q8_0).reshape(len(w), -1)))
+            return Int4Linear(quantize(weight, "Q8_0"))
 
         self.blocks = [[(q8(block.linear.weight), block.linear.bias.detach()) for block in head] for head in heads]
         self.root = q8(heads.root.flatten(0, 1)) if heads.config.reads_root_token else None  # [K H, H]: all R_k

@@ -36,9 +36,13 @@ constexpr int64_t kRowTile = 4; // rows computed per pass over a group's weights
 
 enum Kind : int64_t { kQ4 = 4, kQ8 = 8 };  // Q4: w = d q + m, q in 0..15; Q8: w = d q, q in -128..127
 
-inline bool has_vnni() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
+inline bool has_avx512() {  // the attention's vector loop
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+inline bool has_vnni() {  // the matrix multiplication's (and the activations' quantisation)
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   return yes;
 }
 
@@ -98,13 +102,13 @@ struct Activations {
 
 inline float half(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
-// One group of 16 columns, rows [r0, r0 + R), the reference arithmetic: per column, over the blocks in
+// One group of 16 columns, every row, the reference arithmetic: per column, over the blocks in
 // order, acc = fma(d_w d_x, dot, acc), then for Q4 acc = fma(m_w, d_x sum(q_x), acc); the dot exact in int32.
 template <Kind kind>
-void group_portable(const Activations& a, int64_t r0, int64_t nrows, const uint8_t* w, const uint16_t* dw,
-                    const uint16_t* mw, float* y, int64_t ldy, int64_t cols) {
+void group_portable(const Activations& a, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, float* y,
+                    int64_t ldy, int64_t cols) {
   const int64_t nb = a.blocks;
-  for (int64_t r = r0; r < r0 + nrows; ++r) {
+  for (int64_t r = 0; r < a.rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
@@ -217,11 +221,8 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at
       const uint16_t* dg = dw + g * scales_per_group;
       const uint16_t* mg = mw ? mw + g * scales_per_group : nullptr;
       float* yg = out + g * kCols;
-      if (kind == kQ4) {
-        fast ? group_fast<kQ4>(a, wg, dg, mg, yg, n, cols) : group_portable<kQ4>(a, 0, a.rows, wg, dg, mg, yg, n, cols);
-      } else {
-        fast ? group_fast<kQ8>(a, wg, dg, mg, yg, n, cols) : group_portable<kQ8>(a, 0, a.rows, wg, dg, mg, yg, n, cols);
-      }
+      (kind == kQ4 ? (fast ? group_fast<kQ4> : group_portable<kQ4>) : (fast ? group_fast<kQ8> : group_portable<kQ8>))(
+          a, wg, dg, mg, yg, n, cols);
     }
   });
   return y;
@@ -413,7 +414,7 @@ inline Tensor visible_attention(const Tensor& q_in, const Tensor& keys, const Te
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool fast = !portable && __builtin_cpu_supports("avx512f");
+  const bool fast = !portable && has_avx512();
   at::parallel_for(0, b * t * heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(seen.keys);
     for (int64_t i = i0; i < i1; ++i) {
