@@ -5,10 +5,11 @@ The kernel takes the file's blocks of 32 weights as they are, in a layout of its
 q, an fp16 scale d and minimum m: w = d q + m), Q4_0 (w = d (q - 8), served as Q4_1 with m = -8 d,
 exactly) and Q8_0 (int8 q: w = d q). No weight is re-quantised and no scale rounded. Activations are
 quantised to 8 bits per block of 32 inside the kernel, as llama.cpp quantises them for the same
-blocks (its Q8_0 / Q8_1), so that a block's dot product is an exact integer (AVX-512 VNNI); each output
+blocks (its Q8_0 / Q8_1), so that a block's dot product is an exact integer (AVX-512 VNNI, or
+AVX-512BW where VNNI is missing); each output
 then sums over the blocks in order in fp32. A row's result does not depend on the other rows, so
 verifying a tree gives each node what a step of it alone would (speculative == standard by
-construction, bitwise). Without AVX-512 VNNI a portable loop computes the same bits, slower.
+construction, bitwise). Without AVX-512 a portable loop computes the same bits, slower.
 
 The forward (Int4Llama) takes the HF model's own embedding, norms and rotary embedding, and replaces
 its projections with the int4 ones, fused per layer: q, k and v in one matrix, gate and up in one.
@@ -123,19 +124,22 @@ class Packed:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T for W given as GGUF blocks; fp32 in and out. `portable`: the kernel's loop without
-    AVX-512 (the same bits; to compare the two)."""
+    """y = x W^T for W given as GGUF blocks; fp32 in and out. `loop`: the kernel's loop, the best this
+    CPU has ("best": AVX-512 VNNI, else AVX-512BW, else portable) or one below it ("avx512bw",
+    "portable": the same bits, to compare them)."""
+
+    LOOPS = {"best": 0, "avx512bw": 1, "portable": 2}
 
     def __init__(self, blocks: Blocks):
         super().__init__()
         self.weight = Packed.of(blocks)
         self.out_features = self.weight.out_features
-        self.portable = False
+        self.loop = "best"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         y = kernel().matmul(x.reshape(-1, x.shape[-1]).float(), w.packed, w.d, w.m, w.kind, w.out_features,
-                            self.portable)
+                            self.LOOPS[self.loop])
         return y.view(*x.shape[:-1], self.out_features)
 
 

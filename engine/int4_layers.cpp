@@ -3,11 +3,12 @@
 //
 // The matrix multiplication: GGUF weights (Q4_0 / Q4_1 / Q8_0 blocks of 32) times activations that
 // are quantised per block of 32 to 8 bits, as llama.cpp does (its Q8_0 / Q8_1): the dot product of a
-// weight block with an activation block is an exact int32 (vpdpbusd: 64 products an instruction), and
+// weight block with an activation block is an exact int32 (AVX-512 VNNI's vpdpbusd: 64 products an
+// instruction; AVX-512BW alone: vpmaddubsw and vpmaddwd, the same integers), and
 // each column then sums over the blocks in order in fp32, acc = fma(d_w d_x, dot, acc) (and, for Q4,
 // acc = fma(m_w, d_x sum(q_x), acc)). Every output is that same sequence of operations whatever the
 // other rows are, so a row's result does not depend on them (speculative == standard by construction,
-// bitwise), and the portable loop computes the same bits as the AVX-512 one (tests/engine/test_int4.py).
+// bitwise), and each loop (VNNI, AVX-512BW, portable) computes the same bits (tests/engine/test_int4.py).
 // Weights are read once per pass of up to kRowTile rows: at one row a step is bound by memory (~0.6
 // bytes a weight), each further row adds its integer dot products.
 //
@@ -41,10 +42,18 @@ inline bool has_avx512() {  // the attention's vector loop
   return yes;
 }
 
-inline bool has_vnni() {  // the matrix multiplication's (and the activations' quantisation)
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+inline bool has_avx512bw() {  // the matrix multiplication's vector loop (and the activations' quantisation)
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw");
   return yes;
 }
+
+inline bool has_vnni() {  // ... with vpdpbusd for its dots
+  static const bool yes = has_avx512bw() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+// The loop a matrix multiplication runs: the best this CPU has, or (to compare their bits) one below it.
+enum Loop : int64_t { kBest = 0, kNoVnni = 1, kPortable = 2 };
 
 // x [M, K] quantised per block of 32 as llama.cpp quantises activations (Q8_0 / Q8_1): d = max|x| / 127,
 // q = round-to-nearest-even(x / d), with sum(q) and d * sum(q) kept per block.
@@ -133,19 +142,38 @@ void group_portable(const Activations& a, const uint8_t* w, const uint16_t* dw, 
   }
 }
 
-// The same arithmetic with AVX-512 VNNI: a lane per column, vpdpbusd for the dots.
-template <Kind kind, int R>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Activations& a, int64_t r0,
-                                                                       const uint8_t* w, const uint16_t* dw,
-                                                                       const uint16_t* mw, float* y, int64_t ldy,
-                                                                       int64_t cols) {
+using Int32Alias = int32_t __attribute__((may_alias));
+
+// acc + in each 32-bit lane the four products of its u8 weights w and the s8 activations x[0..3]. With VNNI
+// that is one vpdpbusd, written as an instruction so that this loop is compiled for AVX-512BW alone and the
+// version without VNNI runs where it is missing; without it vpmaddubsw then vpmaddwd give the same exact
+// integers, since the weights here have at most 4 bits (2 x 15 x 127 never saturates an int16 pair sum).
+template <bool vnni>
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i dot4(__m512i acc, __m512i w,
+                                                                               const int8_t* x) {
+  if constexpr (vnni) {
+    asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const Int32Alias*>(x)));
+    return acc;
+  } else {
+    const __m512i pairs = _mm512_maddubs_epi16(w, _mm512_set1_epi32(*reinterpret_cast<const Int32Alias*>(x)));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+}
+
+// The same arithmetic with AVX-512: a lane per column, dot4 for the dots. Q8 weights (8 bits) go to the
+// loop without VNNI as their two nibbles, dot = dot(low) + 16 dot(high): the same integer.
+template <Kind kind, int R, bool vnni>
+__attribute__((target("avx512f,avx512bw"))) void group_avx512(const Activations& a, int64_t r0, const uint8_t* w,
+                                                              const uint16_t* dw, const uint16_t* mw, float* y,
+                                                              int64_t ldy, int64_t cols) {
+  constexpr bool nibbles = kind == kQ4 || !vnni;  // weights the dots take 4 bits at a time
   const int64_t nb = a.blocks;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i wv[8];
+    __m512i wv[8], high[8];  // high: a Q8 weight's upper nibble, for the loop without VNNI
     if constexpr (kind == kQ4) {
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
@@ -155,7 +183,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Act
       }
     } else {
 #pragma GCC unroll 8
-      for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(w + (b * 8 + g) * 64);
+      for (int g = 0; g < 8; ++g) {
+        wv[g] = _mm512_loadu_si512(w + (b * 8 + g) * 64);
+        if constexpr (nibbles) {
+          high[g] = _mm512_and_si512(_mm512_srli_epi16(wv[g], 4), low);
+          wv[g] = _mm512_and_si512(wv[g], low);
+        }
+      }
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dw + b * kCols)));
     __m512 m = _mm512_setzero_ps();
@@ -164,18 +198,21 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Act
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = row * nb + b;
       const int8_t* xq = a.q.data() + row * a.k + b * kBlock;
-      // two chains of vpdpbusd (integer sums: the order does not change them)
+      // two chains of dots (integer sums: the order does not change them)
       __m512i even = kind == kQ8 ? _mm512_set1_epi32(-128 * a.sum[at]) : _mm512_setzero_si512();
       __m512i odd = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int g = 0; g < 8; g += 2) {
-        int32_t x0, x1;
-        std::memcpy(&x0, xq + g * 4, 4);
-        std::memcpy(&x1, xq + g * 4 + 4, 4);
-        even = _mm512_dpbusd_epi32(even, wv[g], _mm512_set1_epi32(x0));
-        odd = _mm512_dpbusd_epi32(odd, wv[g + 1], _mm512_set1_epi32(x1));
+        even = dot4<vnni>(even, wv[g], xq + g * 4);
+        odd = dot4<vnni>(odd, wv[g + 1], xq + g * 4 + 4);
       }
-      const __m512i dot = _mm512_add_epi32(even, odd);
+      __m512i dot = _mm512_add_epi32(even, odd);
+      if constexpr (kind == kQ8 && nibbles) {
+        __m512i upper = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; ++g) upper = dot4<false>(upper, high[g], xq + g * 4);
+        dot = _mm512_add_epi32(dot, _mm512_slli_epi32(upper, 4));
+      }
       const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[at]));
       acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[r]);
       if constexpr (kind == kQ4) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[at]), acc[r]);
@@ -186,26 +223,36 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_vnni(const Act
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * ldy, keep, acc[r]);
 }
 
-template <Kind kind>
+template <Kind kind, bool vnni>
 void group_fast(const Activations& a, const uint8_t* w, const uint16_t* dw, const uint16_t* mw, float* y, int64_t ldy,
                 int64_t cols) {
   static_assert(kRowTile == 4);
   int64_t r = 0;
-  for (; r + kRowTile <= a.rows; r += kRowTile) group_vnni<kind, kRowTile>(a, r, w, dw, mw, y, ldy, cols);
+  for (; r + kRowTile <= a.rows; r += kRowTile) group_avx512<kind, kRowTile, vnni>(a, r, w, dw, mw, y, ldy, cols);
   switch (a.rows - r) {
-    case 3: group_vnni<kind, 3>(a, r, w, dw, mw, y, ldy, cols); break;
-    case 2: group_vnni<kind, 2>(a, r, w, dw, mw, y, ldy, cols); break;
-    case 1: group_vnni<kind, 1>(a, r, w, dw, mw, y, ldy, cols); break;
+    case 3: group_avx512<kind, 3, vnni>(a, r, w, dw, mw, y, ldy, cols); break;
+    case 2: group_avx512<kind, 2, vnni>(a, r, w, dw, mw, y, ldy, cols); break;
+    case 1: group_avx512<kind, 1, vnni>(a, r, w, dw, mw, y, ldy, cols); break;
   }
+}
+
+using Group = void (*)(const Activations&, const uint8_t*, const uint16_t*, const uint16_t*, float*, int64_t, int64_t);
+
+template <Kind kind>
+Group group_loop(Loop loop) {
+  if (loop == kBest && has_vnni()) return group_fast<kind, true>;
+  if (loop != kPortable && has_avx512bw()) return group_fast<kind, false>;
+  return group_portable<kind>;
 }
 
 // x [M, K] fp32 times a weight in engine/int4.py Packed's layout, n columns: y [M, n] fp32.
 inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
-                         int64_t kind, int64_t n, bool portable) {
+                         int64_t kind, int64_t n, int64_t loop) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % kBlock == 0, "x must be [M, K] float32");
+  TORCH_CHECK(loop >= kBest && loop <= kPortable, "loop must be 0 (best), 1 (no VNNI) or 2 (portable)");
   const auto xc = x.contiguous();
-  const bool fast = !portable && has_vnni();
-  const Activations a(xc, fast);
+  const Activations a(xc, loop != kPortable && has_avx512bw());
+  const Group group = kind == kQ4 ? group_loop<kQ4>(static_cast<Loop>(loop)) : group_loop<kQ8>(static_cast<Loop>(loop));
   const int64_t groups = packed.size(0), per_group = packed.stride(0);
   TORCH_CHECK(packed.size(1) == a.blocks, "the weight has ", packed.size(1) * kBlock, " inputs, x has ", a.k);
   auto y = at::empty({a.rows, n}, x.options());
@@ -221,8 +268,7 @@ inline at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at
       const uint16_t* dg = dw + g * scales_per_group;
       const uint16_t* mg = mw ? mw + g * scales_per_group : nullptr;
       float* yg = out + g * kCols;
-      (kind == kQ4 ? (fast ? group_fast<kQ4> : group_portable<kQ4>) : (fast ? group_fast<kQ8> : group_portable<kQ8>))(
-          a, wg, dg, mg, yg, n, cols);
+      group(a, wg, dg, mg, yg, n, cols);
     }
   });
   return y;
@@ -444,7 +490,7 @@ struct Linear {
   int64_t kind, out;
 
   Tensor operator()(const Tensor& x) const {
-    auto y = matmul(x.reshape({-1, x.size(-1)}), packed, d, m, kind, out, false);
+    auto y = matmul(x.reshape({-1, x.size(-1)}), packed, d, m, kind, out, kBest);
     auto shape = x.sizes().vec();
     shape.back() = out;
     return y.view(shape);
@@ -577,6 +623,7 @@ class Layers {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("has_vnni", &has_vnni);
+  m.def("has_avx512bw", &has_avx512bw);
   m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotate", &rotate, pybind11::call_guard<pybind11::gil_scoped_release>());

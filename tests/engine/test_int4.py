@@ -73,14 +73,17 @@ def test_the_kernel_computes_with_the_files_weights_and_8_bit_activations(kind):
     assert np.abs(linear(x).double().numpy() - exact).max() < 0.05 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("loop", ["best", "avx512bw"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_vectorised_loop_gives_the_portable_loops_bits(kind):
-    if not kernel().has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI: the portable loop is the only one")
+def test_each_vectorised_loop_gives_the_portable_loops_bits(kind, loop):
+    """The VNNI loop and the AVX-512BW one (its dots by vpmaddubsw, Q8_0's weights a nibble at a time)."""
+    if not (kernel().has_vnni() if loop == "best" else kernel().has_avx512bw()):
+        pytest.skip(f"this CPU has no {'AVX-512 VNNI' if loop == 'best' else 'AVX-512BW'}")
     linear, _ = file_linear(kind, 48, 1536)
     x = torch.randn(7, 1536) * torch.logspace(-3, 2, 1536)  # blocks of very different scales
+    linear.loop = loop
     fast = linear(x)
-    linear.portable = True
+    linear.loop = "portable"
     assert torch.equal(linear(x), fast)
 
 
