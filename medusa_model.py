@@ -92,20 +92,21 @@ class MedusaHeads(nn.ModuleList):
             self._projection = (weight, weight.detach()[self.token_map])
         return self._projection[1]
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None, root: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None, root: torch.Tensor | None = None,
+                count: int | None = None) -> torch.Tensor:
         """hidden [..., H] -> head logits [..., K, V'] over the heads' vocabulary (V' = V untruncated);
-        heads reading the root token also take its embedding `root` [..., H].
+        heads reading the root token also take its embedding `root` [..., H]. `count`: only the first
+        heads (K = count; a tree that deep needs no more).
         The whole vocabulary goes through the lm_head module itself (tensor parallel: DeepSpeed's,
         which gathers its shards); a truncated one through the kept rows of its weight. Without an
         lm_head, shared heads return their drafts [..., K, H], before the projection."""
         if self.config.reads_root_token:
             if root is None:
                 raise ValueError("these heads read the root token: pass its embedding")
-            read = torch.einsum("...i,koi->...ko", root, self.root)  # [..., K, H]: R_k e(t+1)
-            drafts = torch.stack([head(hidden + read[..., k, :]) for k, head in enumerate(self)], dim=-2)
+            read = torch.einsum("...i,koi->...ko", root, self.root[:count])  # [..., K, H]: R_k e(t+1)
+            drafts = torch.stack([head(hidden + read[..., k, :]) for k, head in enumerate(list(self)[:count])], dim=-2)
         else:
-            drafts = torch.stack([head(hidden) for head in self], dim=-2)
+            drafts = torch.stack([head(hidden) for head in list(self)[:count]], dim=-2)
         if not self.config.shares_lm_head or lm_head is None:
             return drafts
         if self.token_map is None:
@@ -185,21 +186,25 @@ class MedusaModel:
         )
         return out.logits, out.hidden_states[-1]
 
-    def head_logits(self, hidden: torch.Tensor, roots: torch.Tensor | None = None) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor, roots: torch.Tensor | None = None, count: int | None = None
+                    ) -> torch.Tensor:
         """hidden [..., H] at t, roots [...] (token t+1, for heads that read it) -> [..., K, V']: head
         k's logits for the token k+2 ahead, over the heads' vocabulary (rows of it: see
-        MedusaHeads.token_ids)."""
+        MedusaHeads.token_ids); `count`: the first heads only (K = count)."""
         root = None
         if self.heads.config.reads_root_token:
             root = self.model.get_input_embeddings()(roots).to(hidden.dtype)
         if self.head_projection is not None:
-            drafts = self.drafts(hidden, root) if self.drafts is not None else self.heads(hidden, None, root)
+            drafts = (self.drafts(hidden, root, count) if self.drafts is not None
+                      else self.heads(hidden, None, root, count))
             return self.head_projection(drafts)
-        return self.heads(hidden, self.lm_head, root)
+        return self.heads(hidden, self.lm_head, root, count)
 
-    def head_topk(self, hidden: torch.Tensor, k: int, roots: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [..., H], roots [...] -> [..., K, k]: the token ids each head ranks first to k-th."""
-        return self.heads.token_ids(self.head_logits(hidden, roots).topk(k, dim=-1).indices)
+    def head_topk(self, hidden: torch.Tensor, k: int, roots: torch.Tensor | None = None, count: int | None = None
+                  ) -> torch.Tensor:
+        """hidden [..., H], roots [...] -> [..., K, k]: the token ids each head ranks first to k-th
+        (`count`: the first heads only)."""
+        return self.heads.token_ids(self.head_logits(hidden, roots, count).topk(k, dim=-1).indices)
 
 
 KERNEL_INJECT_REFUSED = (

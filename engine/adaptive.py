@@ -7,7 +7,8 @@ down to none: root only).
 
 P(node accepted) is counted online (accepted / offered, started from a prior, older steps weighing
 less), and a tree smaller than the whole one verifies the next bigger one on a share of its steps
-where that one could pay (exploration: without it, once root only wins nothing can change its mind).
+where that one could pay (exploration: without it, once root only wins nothing can change its mind),
+and no more of the time than EXPLORE_SHARE.
 The step's seconds come from a cost table the engine measures on its own hardware (calibration.py),
 cached to a file keyed by model, device, dtype and tree. A verify step is nearly free while the
 hardware is under-used and costly once the batch fills it: the tree shrinks as the batch grows, down
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 PRIOR_WEIGHT = 8.0  # the prior counts as this many offers of each node
 DECAY = 0.99  # each step a node is verified in weighs its older evidence by this (~100 steps' memory)
 EXPLORE_EVERY = 16  # a tree smaller than the whole one verifies the next bigger one on every 16th step, if it
-# could pay at all (were its nodes always accepted)
+# could pay at all (were its nodes always accepted), ...
+EXPLORE_SHARE = 0.02  # ... or less often where that step costs more: exploring takes at most 2% of the time
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,9 @@ class TreeChooser:
         best = rates.index(max(rates))
         self._since_explored += 1
         if best + 1 < len(self.family) and self._since_explored >= EXPLORE_EVERY:
-            bigger, seconds = self.family[best + 1], self._step_seconds[batch][best + 1]
-            if (speculative * (1 + bigger.depth) + standard) / seconds > rates[best]:  # it could pay: measure it
+            bigger, (now, seconds) = self.family[best + 1], self._step_seconds[batch][best : best + 2]
+            could_pay = (speculative * (1 + bigger.depth) + standard) / seconds > rates[best]  # were all accepted
+            if could_pay and self._since_explored * EXPLORE_SHARE >= seconds / now - 1:  # and it is its turn
                 best, self._since_explored = best + 1, 0
         self.in_use = self.family[best]
         return self.in_use

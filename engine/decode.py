@@ -213,11 +213,12 @@ class Engine:
     def _propose(self, batch: Batch, rows: slice, trees: StepTrees) -> torch.Tensor:
         """Candidate tokens [B, T]: the root, then each node's rank-r token from its head. The heads run
         only for a step that verifies more than roots: standard decoding, and a step whose adaptive
-        tree is root only, pay nothing for them."""
+        tree is root only, pay nothing for them; a shallower tree than the heads runs only the heads it
+        uses, and asks each for only the ranks it uses."""
         roots = batch.next_tokens[rows, None]
         if trees.num_nodes == 1:
             return roots
-        proposals = self.model.head_topk(batch.hidden[rows], self.tree.topk, roots[:, 0])  # [B, K, topk] token ids
+        proposals = self.model.head_topk(batch.hidden[rows], trees.topk, roots[:, 0], trees.depth)  # [B, K, topk]
         flat = trees.heads * proposals.shape[-1] + trees.ranks
         nodes = proposals.flatten(1).gather(1, flat)
         return torch.cat([roots, nodes[:, 1:]], dim=1)

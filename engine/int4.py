@@ -117,6 +117,13 @@ class Packed:
                    by_group(m) if b.kind != "Q8_0" else torch.empty(0, dtype=torch.float16),
                    Q8 if b.kind == "Q8_0" else Q4, n)
 
+    def first(self, n: int) -> Packed:
+        """The first n output columns (n a multiple of 16): a view."""
+        if n % COLUMNS:
+            raise ValueError(f"the first {n} columns of a packed weight: a multiple of {COLUMNS} only")
+        g = n // COLUMNS
+        return Packed(self.packed[:g], self.d[:g], self.m[:g] if self.kind == Q4 else self.m, self.kind, n)
+
     @property
     def native(self) -> tuple:
         """What int4_layers.cpp's Layers.add takes for it."""
@@ -130,9 +137,9 @@ class Int4Linear(nn.Module):
 
     LOOPS = {"best": 0, "avx512bw": 1, "portable": 2}
 
-    def __init__(self, blocks: Blocks):
+    def __init__(self, blocks: Blocks | Packed):
         super().__init__()
-        self.weight = Packed.of(blocks)
+        self.weight = blocks if isinstance(blocks, Packed) else Packed.of(blocks)
         self.out_features = self.weight.out_features
         self.loop = "best"
 
@@ -251,13 +258,21 @@ class Int8Drafts(nn.Module):
             return Int4Linear(quantize(weight, "Q8_0"))
 
         self.blocks = [[(q8(block.linear.weight), block.linear.bias.detach()) for block in head] for head in heads]
-        self.root = q8(heads.root.flatten(0, 1)) if heads.config.reads_root_token else None  # [K H, H]: all R_k
+        self.roots = None  # by head count k: R_1 .. R_k as one [k H, H] matrix (the first rows of all K's)
+        if heads.config.reads_root_token:
+            every, size = q8(heads.root.flatten(0, 1)), heads.root.shape[1]
+            self.roots = {k: Int4Linear(every.weight.first(k * size)) if size % COLUMNS == 0 else every
+                          for k in range(1, len(heads) + 1)}
 
-    def forward(self, hidden: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
-        k = len(self.blocks)
-        reads = self.root(root).unflatten(-1, (k, -1)) if self.root is not None else None  # [..., K, H]
+    def forward(self, hidden: torch.Tensor, root: torch.Tensor | None = None, count: int | None = None
+                ) -> torch.Tensor:
+        """`count`: the first heads only (a shallow tree's step drafts with no more)."""
+        heads = self.blocks[:count]
+        reads = None
+        if self.roots is not None:  # [..., K, H]: R_k e(t+1), in one pass of the kernel
+            reads = self.roots[len(heads)](root).unflatten(-1, (-1, hidden.shape[-1]))
         drafts = []
-        for i, blocks in enumerate(self.blocks):
+        for i, blocks in enumerate(heads):
             x = hidden if reads is None else hidden + reads[..., i, :]
             for linear, bias in blocks:
                 x = x + F.silu(linear(x) + bias)

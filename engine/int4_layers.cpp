@@ -381,21 +381,28 @@ void attend_portable(const float* q, const float* keys, const float* values, int
   for (int64_t i = 0; i < d; ++i) out[i] = count ? out[i] / total : 0.f;
 }
 
+// The AVX-512 loop, for a head dim of kChunks x 16 known when compiled (0: d / 16 at run time). With it
+// known the loops unroll and the query and the accumulators stay in registers; without, each fma's
+// accumulator goes through memory. The same operations in the same order either way: the same bits.
+template <int kChunks>
 __attribute__((target("avx512f"))) void attend_avx512(const float* q, const float* keys, const float* values,
                                                       int64_t key_stride, int64_t value_stride, const int32_t* visible,
                                                       int64_t count, int64_t d, float scale, float* scores,
                                                       float* out) {
-  const int64_t chunks = d / kLanes;
-  __m512 qv[kMaxHeadDim / kLanes];
+  const int64_t chunks = kChunks > 0 ? kChunks : d / kLanes;
+  __m512 qv[kChunks > 0 ? kChunks : kMaxHeadDim / kLanes];
+#pragma GCC unroll 16
   for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(q + c * kLanes);
   for (int64_t n0 = 0; n0 < count; n0 += kLanes) {  // 16 keys at a time, each key's sum in its own vector
     const int64_t here = std::min(kLanes, count - n0);
     __m512 acc[kLanes];
+#pragma GCC unroll 16
     for (int64_t n = 0; n < kLanes; ++n) {
       acc[n] = _mm512_setzero_ps();
       if (n >= here) continue;
       const float* k = keys + visible[n0 + n] * key_stride;
       acc[n] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+#pragma GCC unroll 16
       for (int64_t c = 1; c < chunks; ++c) acc[n] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * kLanes), acc[n]);
     }
     const __mmask16 live = here == kLanes ? 0xFFFF : static_cast<__mmask16>((1u << here) - 1);
@@ -411,17 +418,29 @@ __attribute__((target("avx512f"))) void attend_avx512(const float* q, const floa
     sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(live, p));
   }
   const float total = tree_sum_avx512(sums);
-  __m512 acc[kMaxHeadDim / kLanes];
+  __m512 acc[kChunks > 0 ? kChunks : kMaxHeadDim / kLanes];
+#pragma GCC unroll 16
   for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t n = 0; n < count; ++n) {
     const float* v = values + visible[n] * value_stride;
     const __m512 p = _mm512_set1_ps(scores[n]);
+#pragma GCC unroll 16
     for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * kLanes), acc[c]);
   }
   const __m512 z = _mm512_set1_ps(total);
+#pragma GCC unroll 16
   for (int64_t c = 0; c < chunks; ++c) {
     _mm512_storeu_ps(out + c * kLanes, count ? _mm512_div_ps(acc[c], z) : _mm512_setzero_ps());
   }
+}
+
+using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t,
+                        float, float*, float*);
+
+// The loop for a head dim: the portable one, or the AVX-512 one compiled for it (64 and 128: Llama's usual).
+inline Attend attend_loop(int64_t d, bool fast) {
+  if (!fast) return attend_portable;
+  return d == 64 ? attend_avx512<4> : d == 128 ? attend_avx512<8> : attend_avx512<0>;
 }
 
 // Which keys each query sees: for row r = (b, t) of a mask [B, 1, T, S], the slots j with mask 0, in
@@ -460,7 +479,7 @@ inline Tensor visible_attention(const Tensor& q_in, const Tensor& keys, const Te
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool fast = !portable && has_avx512();
+  const Attend attend = attend_loop(d, !portable && has_avx512());
   at::parallel_for(0, b * t * heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(seen.keys);
     for (int64_t i = i0; i < i1; ++i) {
@@ -470,9 +489,8 @@ inline Tensor visible_attention(const Tensor& q_in, const Tensor& keys, const Te
       const float* vh = vp + bi * values.stride(0) + kvh * values.stride(1);
       const int32_t* visible = seen.index.data() + seen.start[r];
       const int64_t count = seen.start[r + 1] - seen.start[r];
-      (fast ? attend_avx512 : attend_portable)(qh, kh, vh, keys.stride(2), values.stride(2), visible, count, d,
-                                               static_cast<float>(scale), scores.data(),
-                                               op + ((bi * t + ti) * heads + h) * d);
+      attend(qh, kh, vh, keys.stride(2), values.stride(2), visible, count, d, static_cast<float>(scale), scores.data(),
+             op + ((bi * t + ti) * heads + h) * d);
     }
   });
   return out;
@@ -544,7 +562,9 @@ inline Tensor rotate(const Tensor& x, const Tensor& cos_in, const Tensor& sin_in
         const float* v = xp + bi * x.stride(0) + h * x.stride(1) + ti * x.stride(2);
         const float *c = cp + (bi * t + ti) * d, *s = sp + (bi * t + ti) * d;
         float* out = yp + ((bi * heads + h) * t + ti) * d;
-        for (int64_t i = 0; i < d; ++i) out[i] = v[i] * c[i] + v[(i + half) % d] * s[i];
+        // the two halves apart (partner i + half, then i - half): loops without a modulo vectorise
+        for (int64_t i = 0; i < half; ++i) out[i] = v[i] * c[i] + v[i + half] * s[i];
+        for (int64_t i = half; i < d; ++i) out[i] = v[i] * c[i] + v[i - half] * s[i];
       }
     }
   }

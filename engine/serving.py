@@ -17,6 +17,8 @@ from config.settings import Settings
 from engine.adaptive import CostTable, TreeChooser, nested_family
 from engine.calibration import cost_table
 from engine.decode import Engine
+import medusa_model
+from engine import decode, int4
 from engine.int4 import NATIVE_SOURCE, Int4Llama
 from engine.messages import ServedInfo
 from engine.tree import ROOT, Tree, load_tree, preset
@@ -56,6 +58,12 @@ def load_served(settings: Settings) -> Served:
     return Served(engine, tree, settings.deepspeed and not isinstance(model.runner, Int4Llama))
 
 
+def step_code_digest() -> str:
+    """The sha256 of the sources a decode step runs (the engine's, the heads', the int4 path's and its kernel)."""
+    sources = [Path(m.__file__) for m in (decode, int4, medusa_model)] + [NATIVE_SOURCE]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+
+
 def step_costs(settings: Settings, engine: Engine) -> CostTable:
     """COST_TABLE, else the table measured for this model, heads, tree, device and dtype (cached)."""
     if settings.cost_table:
@@ -67,8 +75,7 @@ def step_costs(settings: Settings, engine: Engine) -> CostTable:
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype), "deepspeed": settings.deepspeed,
            "weights": engine.model.weights,
-           "kernel": hashlib.sha256(NATIVE_SOURCE.read_bytes()).hexdigest() if isinstance(engine.model.runner, Int4Llama)
-           else None,  # the int4 kernel's source: a new one times its steps again
+           "code": step_code_digest(),  # a step's code: a new one times its steps again
            "tp_size": settings.resolved_tp_size(), "cuda_graphs": engine.cuda_graphs,
            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "deepspeed")}}
     return cost_table(engine, nested_family(engine.tree), key, Path(settings.cost_cache_dir).expanduser())

@@ -129,6 +129,8 @@ class StepTrees:
     heads: torch.Tensor  # [B, T]
     ranks: torch.Tensor  # [B, T]
     retrieve: torch.Tensor  # [B, P, D]; padding paths are the root alone
+    depth: int  # the deepest tree's: the heads this step drafts with
+    topk: int  # the most ranked tokens a head must propose
 
     @property
     def num_nodes(self) -> int:
@@ -150,4 +152,5 @@ def stack_trees(trees: tuple[Tree, ...], device: torch.device) -> StepTrees:
         mask[b, :n, :n] = tr.mask
         depths[b, :n], heads[b, :n], ranks[b, :n] = tr.depths, tr.heads, tr.ranks
         retrieve[b, :tp, :td] = tr.retrieve
-    return StepTrees(*(x.to(device) for x in (mask, depths, heads, ranks, retrieve)))
+    return StepTrees(*(x.to(device) for x in (mask, depths, heads, ranks, retrieve)),
+                     depth=max(tr.depth for tr in trees), topk=max(tr.topk for tr in trees))

@@ -63,6 +63,18 @@ def test_the_choice_crosses_over_where_the_cost_model_says():
     assert chooser.choose(1, 63) is ROOT and chooser.in_use is ROOT
 
 
+def test_exploring_a_costly_tree_takes_at_most_its_share_of_the_time():
+    """At batch 8 root only wins (P(node) 0.1) and the 2-node step costs 1.9x: exploring it every 16th step
+    would spend 5% of the time on it, so it is verified every 45th step (0.9 / 45 = 2%); at batch 1,
+    where it costs 1.2x, every 16th."""
+    chain1 = build_tree([[0]], "chain1")
+    costs = CostTable((1, 8), (1, 2), ((1.0, 1.2), (1.0, 1.9)))
+    for batch, every in ((8, 45), (1, 16)):
+        chooser = chooser_with(chain1, {(0,): 0.1}, costs)
+        explored = [i for i in range(1, 201) if chooser.choose(batch, 0).num_nodes == 2]
+        assert explored == list(range(every, 201, every))
+
+
 def test_acceptance_is_counted_per_node_from_each_step():
     chooser = TreeChooser(CHAIN4, FLAT_THEN_STEEP)
     before_offered, before_accepted = dict(chooser.offered), dict(chooser.accepted)

@@ -97,6 +97,17 @@ def test_standard_decoding_never_runs_the_heads(toy, prompts, hf_greedy, monkeyp
     assert calls == []
 
 
+def test_a_shallow_tree_drafts_with_the_heads_it_uses_only(toy, prompts, hf_greedy, monkeypatch):
+    """A tree shallower than the heads asks for its depth of heads and its ranks, and stays exact."""
+    model, _ = toy
+    calls, real = [], model.head_topk
+    monkeypatch.setattr(model, "head_topk", lambda hidden, k, roots=None, count=None:
+                        calls.append((k, count)) or real(hidden, k, roots, count))
+    assert model.num_heads > 2
+    assert_parity(make_engine(toy, tree="chain2").generate(requests(prompts)), prompts, hf_greedy)
+    assert calls and set(calls) == {(1, 2)}
+
+
 def test_max_new_tokens_one(toy, prompts, hf_greedy):
     results = make_engine(toy).generate(requests(prompts, 1))
     assert_parity(results, prompts, hf_greedy, 1)

@@ -285,6 +285,22 @@ def test_the_heads_draft_in_q8_nearly_as_in_float(default_int4):
     assert same.float().mean() > 0.9
 
 
+def test_a_shallow_trees_step_drafts_with_its_first_heads_only(default_int4):
+    """A tree k deep drafts with heads 1..k alone (MedusaModel.head_logits's count): the same logits
+    as those heads' rows of all K, in Q8_0 through the kernel and in float."""
+    model, _ = default_int4
+    torch.manual_seed(0)
+    hidden = torch.randn(3, model.config.hidden_size) * 3
+    roots = torch.randint(0, model.config.vocab_size, (3,))
+    with torch.inference_mode():
+        every = model.head_logits(hidden, roots)
+        root = model.model.get_input_embeddings()(roots)
+        floats = model.heads(hidden, None, root)
+        for count in range(1, model.num_heads):
+            assert torch.equal(model.head_logits(hidden, roots, count), every[:, :count])
+            assert torch.equal(model.heads(hidden, None, root, count), floats[:, :count])
+
+
 @pytest.mark.parametrize("kind", ["one token", "tree", "long chain"])
 def test_the_c_layers_give_the_python_layers_bits(default_int4, kind):
     """int4_layers.cpp makes Int4Layer.forward's ATen calls in C++: the same logits and the same cache,
