@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+import medusa_model
 from config.settings import Settings
+from engine import decode, int4
 from engine.adaptive import CostTable, TreeChooser, nested_family
 from engine.calibration import cost_table
 from engine.decode import Engine
-import medusa_model
-from engine import decode, int4
 from engine.int4 import NATIVE_SOURCE, Int4Llama
 from engine.messages import ServedInfo
 from engine.tree import ROOT, Tree, load_tree, preset

@@ -51,13 +51,15 @@ def test_the_family_is_nested_trees_from_root_only_to_the_whole_tree():
 
 def test_the_choice_crosses_over_where_the_cost_model_says():
     """Chain of 4 with P(accepted) 0.8, 0.6, 0.4, 0.2: expected tokens 1, 1.8, 2.4, 3.0 for 1, 2, 3 and
-    5 tokens verified. Step cost 1 + (T - 1) s with s = (B - 1) / 63: the whole chain wins while
-    s < 1/6 (B <= 11), 3 tokens while s < 1/2 (B <= 32), 2 while s < 0.8 (B <= 51), then root only."""
+    5 tokens verified. Step cost 1 + (T - 1) s with s = (B - 1) / 63. A bigger tree wins when it
+    promises 5% more (MARGIN): 2 tokens over root while 1.8 / (1 + s) > 1.05 (s < 0.714, B <= 45), 3
+    over 2 while 2.4 (1 + s) > 1.89 (1 + 2 s) (s < 0.370, B <= 24), 5 over 3 while 3 (1 + 2 s) >
+    2.52 (1 + 4 s) (s < 0.118, B <= 8); without the margin the crossovers would be B = 11, 32, 51."""
     probabilities = {(0,): 0.8, (0, 0): 0.6, (0, 0, 0): 0.4, (0, 0, 0, 0): 0.2}
     chooser = chooser_with(CHAIN4, probabilities, FLAT_THEN_STEEP)
     assert [round(chooser.expected_tokens(t), 6) for t in chooser.family] == [1.0, 1.8, 2.4, 3.0]
-    sizes = {b: chooser.choose(b, 0).num_nodes for b in (1, 11, 12, 32, 33, 51, 52, 64)}
-    assert sizes == {1: 5, 11: 5, 12: 3, 32: 3, 33: 2, 51: 2, 52: 1, 64: 1}
+    sizes = {b: chooser.choose(b, 0).num_nodes for b in (1, 8, 9, 24, 25, 45, 46, 64)}
+    assert sizes == {1: 5, 8: 5, 9: 3, 24: 3, 25: 2, 45: 2, 46: 1, 64: 1}
     assert chooser.choose(0, 5) is ROOT  # standard requests only: nothing to speculate for
     # 1 speculative and 63 standard sequences at batch 64: (1.8 + 63) / 2 < 64 / 1
     assert chooser.choose(1, 63) is ROOT and chooser.in_use is ROOT
