@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(measure(model, rows, starts, label))
         del model
     quantized = "as the service serves them" if args.quantize == "auto" else f"--quantize {args.quantize}"
-    report = {"setup": f"{len(rows)} held-out continuations of {args.new_tokens} new tokens "
-                       f"({results[0]['positions']:,} positions), base weights {quantized}",
+    what = (f"{len(rows)} held-out answers of {args.distilled.name}" if args.distilled
+            else f"{len(rows)} held-out continuations of {args.new_tokens} new tokens")
+    report = {"setup": f"{what} ({results[0]['positions']:,} positions), base weights {quantized}",
               "heads": results}
     print(f"{'heads':<32} {'top-1 by head':<32} " + " ".join(f"{n:>6}" for n in SIZES))
     for r in results:

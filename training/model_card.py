@@ -238,7 +238,7 @@ dequantised to fp32 by transformers. Figures for both are below.
 
 `training/chat_prompts.py` writes {data['prompts']:,} assistant prompts from templates and subjects, with no
 download ({kinds}); `training/distill.py` has the base model answer each one, greedy, in its chat
-template, through the engine the service runs (standard decoding, batch 16, at most
+template, through the engine the service runs (standard decoding, continuous batching, at most
 {data['max_new_tokens']} new tokens), so the heads learn exactly the text that greedy verification accepts.
 A prompt is held out when sha256 of its kind and subject mod 100 < 5: every prompt about a held-out
 subject is held out, and the heads never saw them. Train: {data['train_prompts']:,} prompts, {data['train_tokens']:,} answer
@@ -255,7 +255,7 @@ cosine, {args['steps']} steps of {args['batch']} positions ({args['steps'] * arg
 
 | head (predicts the token k+2 ahead) | 0 | 1 | 2 | 3 |
 |---|---|---|---|---|
-| top-1 on held-out answers | {' | '.join(f'{a:.3f}' for a in top1)} |
+| top-1 on held-out answers (targets in the heads' vocabulary) | {' | '.join(f'{a:.3f}' for a in top1)} |
 | top-5 | {' | '.join(f'{a:.3f}' for a in top5)} |
 
 ## The tree
@@ -297,7 +297,8 @@ A held-out prompt and the greedy answer:
 ## Short of its targets
 
 The targets were 2.5 accepted tokens per step and 1.5x standard decoding at one client; these heads
-give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x. The heads are what holds it back: the first
+give {ev['accepted_tokens_per_step']:.2f} and {ev['speculative_vs_standard']:.2f}x in the engine (above; through HTTP, the README's
+benchmark tables). The heads are what holds it back: the first
 one's top-1 on held-out answers is {top1[0]:.2f} and the second's {top1[1]:.2f}, so even the {tuning['sizes'][-1]['nodes']}-node tree would
 emit {tuning['sizes'][-1]['tokens_per_step']:.2f} tokens per step, and on this CPU a step that verifies many tokens costs more than
 its few accepted ones pay back (the tuning table above): only small trees pay.
