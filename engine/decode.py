@@ -184,7 +184,7 @@ class Engine:
         accepted = self._accept(seqs, tokens, logits, trees)
         if self.chooser is not None:
             self.chooser.record(batch.trees[rows], accepted)
-        return self._commit(batch, rows, accepted, logits, hidden)
+        return self._commit(batch, rows, accepted, logits, hidden, trees.chains)
 
     def _isolated(self, batch: Batch, seq: Sequence, what: str, run, *args) -> list[Event]:
         """run(*args) for one sequence, after a batched forward failed; if it fails, that sequence fails."""
@@ -269,15 +269,16 @@ class Engine:
             if seq.uniforms is not None:
                 seq.uniforms.advance(seq.request.sampling.draws(count))
 
-    def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor
-                ) -> list[Event]:
-        """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots."""
+    def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor,
+                in_place: bool = False) -> list[Event]:
+        """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots.
+        `in_place`: the accepted nodes are already there (chains: node j of a path is written at j)."""
         seqs = batch.seqs[rows]
         counts, tokens = acc.count.tolist(), acc.tokens.tolist()
         logprobs = self._logprobs(seqs, logits, acc.nodes, acc.tokens, counts)
         lengths = batch.lengths[rows]
         last = (acc.count - 1)[:, None]  # [B, 1]: position of the last accepted node on its path
-        if acc.nodes.shape[1] > 1:
+        if acc.nodes.shape[1] > 1 and not in_place:
             dst = torch.arange(acc.nodes.shape[1], device=lengths.device)
             batch.cache.move(rows, lengths[:, None] + acc.nodes, lengths[:, None] + dst)
         batch.lengths[rows] += acc.count

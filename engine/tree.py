@@ -131,6 +131,7 @@ class StepTrees:
     retrieve: torch.Tensor  # [B, P, D]; padding paths are the root alone
     depth: int  # the deepest tree's: the heads this step drafts with
     topk: int  # the most ranked tokens a head must propose
+    chains: bool  # every tree is one path with its nodes in order: accepted nodes stay where they were written
 
     @property
     def num_nodes(self) -> int:
@@ -153,4 +154,5 @@ def stack_trees(trees: tuple[Tree, ...], device: torch.device) -> StepTrees:
         depths[b, :n], heads[b, :n], ranks[b, :n] = tr.depths, tr.heads, tr.ranks
         retrieve[b, :tp, :td] = tr.retrieve
     return StepTrees(*(x.to(device) for x in (mask, depths, heads, ranks, retrieve)),
-                     depth=max(tr.depth for tr in trees), topk=max(tr.topk for tr in trees))
+                     depth=max(tr.depth for tr in trees), topk=max(tr.topk for tr in trees),
+                     chains=all(tr.retrieve.tolist() == [list(range(tr.depth + 1))] for tr in trees))

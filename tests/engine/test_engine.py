@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.decode import Engine
+from engine.kv_cache import KVCache
 from engine.messages import Request
 from engine.tree import PRESETS, preset
 from medusa_model import HeadsConfig, MedusaHeads, MedusaModel
@@ -106,6 +107,18 @@ def test_a_shallow_tree_drafts_with_the_heads_it_uses_only(toy, prompts, hf_gree
     assert model.num_heads > 2
     assert_parity(make_engine(toy, tree="chain2").generate(requests(prompts)), prompts, hf_greedy)
     assert calls and set(calls) == {(1, 2)}
+
+
+@pytest.mark.parametrize("tree, moves", [("chain3", False), ("tree15", True)])
+def test_a_chains_accepted_nodes_stay_where_they_were_written(toy, prompts, hf_greedy, monkeypatch, tree, moves):
+    """A chain's node j sits at cache row length + j, where its accepted path keeps it: the step moves
+    no K/V; a branching tree moves its accepted path's rows next to the prefix. Both stay exact."""
+    calls = []
+    real = KVCache.move
+    monkeypatch.setattr(KVCache, "move", lambda self, *a: calls.append(1) or real(self, *a))
+    results = make_engine(toy, tree=tree).generate(requests(prompts))
+    assert_parity(results, prompts, hf_greedy)
+    assert tokens_per_step(results) > 1.2 and bool(calls) == moves
 
 
 def test_max_new_tokens_one(toy, prompts, hf_greedy):
