@@ -270,7 +270,7 @@ class Engine:
                 seq.uniforms.advance(seq.request.sampling.draws(count))
 
     def _commit(self, batch: Batch, rows: slice, acc: Accepted, logits: torch.Tensor, hidden: torch.Tensor,
-                in_place: bool = False) -> list[Event]:
+                in_place: bool) -> list[Event]:
         """Keep the accepted nodes' K/V right after each prefix, advance lengths, set the next roots.
         `in_place`: the accepted nodes are already there (chains: node j of a path is written at j)."""
         seqs = batch.seqs[rows]

@@ -155,4 +155,4 @@ def stack_trees(trees: tuple[Tree, ...], device: torch.device) -> StepTrees:
         retrieve[b, :tp, :td] = tr.retrieve
     return StepTrees(*(x.to(device) for x in (mask, depths, heads, ranks, retrieve)),
                      depth=max(tr.depth for tr in trees), topk=max(tr.topk for tr in trees),
-                     chains=all(tr.retrieve.tolist() == [list(range(tr.depth + 1))] for tr in trees))
+                     chains=all(tr.num_nodes == tr.depth + 1 for tr in trees))  # one node a level: nodes in depth order
